@@ -1,0 +1,37 @@
+"""Semi-supervised fine-tuning on 1% of ImageNet labels (12,811 images), 60 epochs.
+
+SimCLRv2 / reference README: tfds `imagenet2012_subset/1pct`; fine-tune the
+whole network plus a new zero-initialised linear head from the first
+projection layer (ft_proj_selector=1); LARS lr 0.005·√B, no weight decay,
+batch 1024, crop + flip only, no warmup. Start it from a pretraining run:
+  --config.init_checkpoint=/path/to/pretrain/workdir
+"""
+from simclr_jax import configlib
+
+
+def get_config():
+  config = configlib.base_config()
+  config.train_mode = 'finetune'
+  config.init_checkpoint = ''  # Required: set on the command line.
+  config.dataset = 'imagenet2012_subset/1pct'
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224
+  config.train_batch_size = 1024
+  config.train_epochs = 60
+  config.warmup_epochs = 0.0
+  config.optimizer = 'lars'
+  config.learning_rate = 0.005
+  config.learning_rate_scaling = 'sqrt'
+  config.weight_decay = 0.0
+  config.momentum = 0.9
+  config.use_blur = False
+  config.ft_proj_selector = 1
+  config.fine_tune_after_block = -1
+  config.lineareval_while_pretraining = False
+  config.zero_init_logits_layer = True
+  config.dtype = 'bfloat16'
+  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 1000
+  config.log_every_steps = 50
+  return configlib.lock(config)

@@ -1,0 +1,245 @@
+"""What a config is: the shared defaults, the allowed values, and validation.
+
+Every experiment in `configs/` is `base_config()` plus the fields it changes,
+locked so that an override naming a key that does not exist (a typo) fails.
+The keys are the reference release's flag names (DESIGN §4).
+
+`validate(config, ...)` runs before anything is compiled or written: each
+problem is one `ConfigError` whose message names the key, the bad value and
+what is allowed. `main.py` prints it as a single line and exits with code 2.
+"""
+import os
+from typing import Optional
+
+import ml_collections
+
+TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
+OPTIMIZERS = ('lars', 'momentum', 'adam')
+LEARNING_RATE_SCALINGS = ('linear', 'sqrt')
+PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+DTYPES = ('float32', 'bfloat16')
+AUGMENTATION_IMPLS = ('simclrv1', 'simclrv2')
+# The CIFAR stem (image_size <= 32) keeps full resolution and the three strided
+# block groups halve it: below 8 px the last groups would convolve padding.
+# Above 32 px the ImageNet stem (÷4) and the groups (÷8) leave >= 1 px.
+MIN_IMAGE_SIZE = 8
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line for the user."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all experiments: the paper's ImageNet pretraining.
+
+  Not locked: experiment files change fields and then call `lock()`.
+  """
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = 'imagenet2012'
+  c.data_dir = ''  # '' = tfds default (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.image_size = 224
+  c.color_jitter_strength = 1.0
+  c.use_blur = True
+  c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
+  # Batches are global (all devices of all hosts).
+  c.train_batch_size = 4096
+  c.eval_batch_size = 256
+  # Schedule: train_steps > 0 overrides train_epochs.
+  c.train_epochs = 100
+  c.train_steps = 0
+  c.warmup_epochs = 10.0
+  c.learning_rate = 0.3
+  c.learning_rate_scaling = 'linear'
+  # Optimizer.
+  c.optimizer = 'lars'
+  c.momentum = 0.9
+  c.nesterov = False  # momentum optimizer only (linear eval uses Nesterov).
+  c.weight_decay = 1e-6
+  c.lars_eeta = 1e-3
+  # Loss.
+  c.temperature = 0.1
+  c.hidden_norm = True
+  # Model.
+  c.resnet_depth = 50
+  c.width_multiplier = 1
+  c.sk_ratio = 0.0
+  c.proj_head_mode = 'nonlinear'
+  c.num_proj_layers = 3
+  c.proj_out_dim = 128
+  c.ft_proj_selector = 0
+  c.fine_tune_after_block = -1
+  c.dtype = 'float32'
+  c.remat = False
+  # Mode.
+  c.train_mode = 'pretrain'
+  c.lineareval_while_pretraining = True
+  c.init_checkpoint = ''  # Pretraining workdir, checkpoint or exported backbone.
+  c.zero_init_logits_layer = False
+  # Loop, checkpoints, logs.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0  # 0: evaluate at the end only.
+  c.log_every_steps = 100
+  c.num_profile_steps = 5  # 0 disables the CLU profiler.
+  c.seed = 0
+  # Linear probe on frozen features after training (the offline demo); 0: off.
+  c.probe_train_examples = 0
+  # Evaluators (simclr_jax/evaluators.py); empty: none besides the top-1/5 eval.
+  c.evals = ml_collections.ConfigDict()
+  return c
+
+
+def _fail(key: str, value, allowed: str) -> None:
+  raise ConfigError(f'config.{key}={value!r} is invalid: {allowed}.')
+
+
+def _one_of(config, key, allowed) -> None:
+  value = config[key]
+  if value not in allowed:
+    _fail(key, value, 'expected one of ' + ', '.join(map(repr, allowed)))
+
+
+def _positive(config, key, *, allow_zero=False) -> None:
+  value = config[key]
+  if value < 0 or (value == 0 and not allow_zero):
+    _fail(key, value, 'must be ' + ('>= 0' if allow_zero else '> 0'))
+
+
+def known_dataset(name: str) -> bool:
+  """True if tfds knows a builder for `name` (e.g. 'imagenet2012_subset/1pct').
+
+  Importing `simclr_jax.data` registers the offline `mnist_offline` builder.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import simclr_jax.data  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass
+  base = name.split(':')[0].split('/')[0]
+  return base in tfds.list_builders(with_community_datasets=False)
+
+
+def validate(config: ml_collections.ConfigDict, *,
+             device_count: int, process_count: int = 1,
+             check_dataset: bool = True,
+             check_paths: bool = True) -> None:
+  """Raises ConfigError (one line) for the first problem found, else None.
+
+  Args:
+    config: the experiment config.
+    device_count: number of devices of all hosts (the mesh size).
+    process_count: number of JAX processes (hosts).
+    check_dataset: look the dataset name up in the tfds registry.
+    check_paths: check that `init_checkpoint` exists.
+  """
+  _one_of(config, 'train_mode', TRAIN_MODES)
+  _one_of(config, 'optimizer', OPTIMIZERS)
+  _one_of(config, 'learning_rate_scaling', LEARNING_RATE_SCALINGS)
+  _one_of(config, 'proj_head_mode', PROJ_HEAD_MODES)
+  _one_of(config, 'resnet_depth', RESNET_DEPTHS)
+  _one_of(config, 'dtype', DTYPES)
+  _one_of(config, 'augmentation_impl', AUGMENTATION_IMPLS)
+
+  for key in ('train_batch_size', 'eval_batch_size'):
+    _positive(config, key)
+    batch = config[key]
+    if batch % device_count:
+      _fail(key, batch, f'the global batch must be divisible by the device '
+            f'count {device_count}')
+    if batch % process_count:
+      _fail(key, batch, f'the global batch must be divisible by the process '
+            f'count {process_count}')
+
+  if not config.temperature > 0:
+    _fail('temperature', config.temperature, 'must be > 0')
+  _positive(config, 'width_multiplier')
+  _positive(config, 'sk_ratio', allow_zero=True)
+  _positive(config, 'proj_out_dim')
+  _positive(config, 'num_proj_layers', allow_zero=True)
+  if config.proj_head_mode == 'nonlinear' and config.num_proj_layers < 1:
+    _fail('num_proj_layers', config.num_proj_layers,
+          "proj_head_mode='nonlinear' needs >= 1 layer")
+  if not 0 <= config.ft_proj_selector <= max(config.num_proj_layers, 0):
+    _fail('ft_proj_selector', config.ft_proj_selector,
+          f'must be in [0, num_proj_layers={config.num_proj_layers}]')
+  if not -1 <= config.fine_tune_after_block <= 4:
+    _fail('fine_tune_after_block', config.fine_tune_after_block,
+          'must be in [-1, 4] (-1: train all, 0: stem, 1..4: block groups)')
+  if (config.train_mode in ('pretrain', 'supervised')
+      and config.fine_tune_after_block != -1):
+    _fail('fine_tune_after_block', config.fine_tune_after_block,
+          f"must be -1 with train_mode={config.train_mode!r} (freezing blocks "
+          "is for 'finetune')")
+
+  if not isinstance(config.image_size, int) or (
+      config.image_size < MIN_IMAGE_SIZE):
+    _fail('image_size', config.image_size,
+          f'the ResNet stem needs an integer >= {MIN_IMAGE_SIZE} px '
+          '(<= 32: CIFAR stem, > 32: ImageNet stem)')
+
+  if config.train_steps < 0:
+    _fail('train_steps', config.train_steps, 'must be >= 0 (0: from epochs)')
+  if config.train_steps == 0 and not config.train_epochs > 0:
+    _fail('train_epochs', config.train_epochs,
+          'must be > 0 when train_steps is 0')
+  _positive(config, 'warmup_epochs', allow_zero=True)
+  if not config.learning_rate > 0:
+    _fail('learning_rate', config.learning_rate, 'must be > 0')
+  _positive(config, 'weight_decay', allow_zero=True)
+  if not 0 <= config.momentum < 1:
+    _fail('momentum', config.momentum, 'must be in [0, 1)')
+  _positive(config, 'color_jitter_strength', allow_zero=True)
+  _positive(config, 'checkpoint_every_steps')
+  _positive(config, 'keep_checkpoints')
+  _positive(config, 'log_every_steps')
+  _positive(config, 'eval_every_steps', allow_zero=True)
+  _positive(config, 'num_profile_steps', allow_zero=True)
+  _positive(config, 'probe_train_examples', allow_zero=True)
+
+  if config.train_mode in ('linear_eval', 'finetune'):
+    if not config.init_checkpoint:
+      _fail('init_checkpoint', config.init_checkpoint,
+            f'train_mode={config.train_mode!r} needs a pretraining workdir, '
+            'checkpoint or exported backbone to start from')
+  if check_paths and config.init_checkpoint and not os.path.exists(
+      config.init_checkpoint):
+    _fail('init_checkpoint', config.init_checkpoint, 'no such path')
+
+  if check_dataset and not known_dataset(config.dataset):
+    _fail('dataset', config.dataset,
+          'not a tfds dataset name (see `tfds.list_builders()`, or '
+          "'mnist_offline' for the offline demo)")
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config (no new keys: a typo'd override fails) and returns it."""
+  config.lock()
+  return config
+
+
+def steps_from_config(config, num_train_examples: int) -> dict:
+  """Derived schedule values, in one place: total, warmup and per-epoch steps.
+
+  DESIGN §3: total = train_steps or N_ex·epochs // B + 1;
+  warmup = round(warmup_epochs·N_ex // B); scaled lr = lr·B/256 or lr·√B.
+  """
+  batch = config.train_batch_size
+  total = config.train_steps or (
+      num_train_examples * config.train_epochs // batch + 1)
+  warmup = int(round(config.warmup_epochs * num_train_examples // batch))
+  if config.learning_rate_scaling == 'linear':
+    scaled_lr = config.learning_rate * batch / 256.
+  else:
+    scaled_lr = config.learning_rate * batch ** 0.5
+  return dict(total_steps=int(total), warmup_steps=warmup,
+              steps_per_epoch=max(num_train_examples // batch, 1),
+              scaled_learning_rate=scaled_lr)
+
+
+def get_override(config, key: str, default: Optional[object] = None):
+  """config[key] if the key exists, else default (for optional keys)."""
+  return config[key] if key in config else default
