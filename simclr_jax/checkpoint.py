@@ -1,0 +1,210 @@
+"""Checkpoints: one Orbax layout for resuming, for init_checkpoint and for export.
+
+Layout under a run's workdir:
+
+  workdir/checkpoints/<step>/state/...   the training state (every
+      `checkpoint_every_steps`, newest `keep_checkpoints` kept):
+      {'step': int32 [], 'params': ..., 'batch_stats': ...,
+       'opt_state': ..., 'rng': uint32 [2]}
+  workdir/backbone/...                   exported parameters alone, for use
+      elsewhere: {'params': ..., 'batch_stats': ...} without the heads.
+
+Saves are asynchronous (training continues while the arrays are written) and
+atomic: Orbax writes into a temporary directory and renames it when complete,
+so `latest_step()` only ever sees finished checkpoints. All hosts call save and
+restore; Orbax coordinates who writes what.
+"""
+import os
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+BACKBONE_DIR = 'backbone'
+# Saved state items, in the order of the docstring above.
+STATE_KEYS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
+# Top-level parameter collections that are heads, not backbone.
+HEAD_PREFIXES = ('projection_head', 'supervised_head', 'head')
+
+
+def create_manager(workdir: str, *, keep: int,
+                   async_save: bool = True) -> ocp.CheckpointManager:
+  """The run's CheckpointManager on `workdir/checkpoints`, keeping `keep`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=options, item_names=('state',))
+
+
+def state_to_tree(state) -> Dict[str, Any]:
+  """The saved items of a TrainState (a plain dict: a stable on-disk layout)."""
+  return {k: getattr(state, k) for k in STATE_KEYS}
+
+
+def save(manager: ocp.CheckpointManager, state, *, force: bool = False
+         ) -> bool:
+  """Starts an asynchronous save of `state` at `state.step`; returns started."""
+  step = int(jax.device_get(state.step))
+  if step in manager.all_steps():
+    return False
+  return manager.save(
+      step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_to_tree(state))),
+      force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state) -> Tuple[Any, int]:
+  """Restores the newest complete checkpoint into `state`'s structure.
+
+  `state` may be concrete or abstract (`jax.ShapeDtypeStruct`s with
+  shardings, e.g. from `jax.eval_shape`); restored arrays take its shardings.
+
+  Returns:
+    (state, step): the restored state, or the given one and 0 if the
+    directory holds no complete checkpoint.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  abstract = jax.tree.map(_abstract, state_to_tree(state))
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  tree = restored['state']
+  logging.info('Resumed from %s at step %d.', manager.directory, step)
+  return state.replace(**tree), int(step)
+
+
+def _abstract(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                              sharding=getattr(x, 'sharding', None))
+
+
+# ----------------------------------------------------------------------------
+# init_checkpoint: start linear eval / fine-tuning from a pretraining run.
+# ----------------------------------------------------------------------------
+def _numeric_subdirs(path: str) -> Iterable[int]:
+  for name in os.listdir(path):
+    if re.fullmatch(r'\d+', name) and os.path.isdir(os.path.join(path, name)):
+      yield int(name)
+
+
+def resolve_checkpoint_path(path: str) -> str:
+  """Finds the Orbax item directory that `path` designates.
+
+  Accepted: a run's workdir, its `checkpoints/` directory (newest step), one
+  step directory, or an exported backbone directory.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'init_checkpoint {path!r} is not a directory.')
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    path = os.path.join(path, CHECKPOINT_DIR)
+  steps = sorted(_numeric_subdirs(path))
+  if steps:
+    path = os.path.join(path, str(steps[-1]))
+  if os.path.isdir(os.path.join(path, 'state')):
+    path = os.path.join(path, 'state')
+  return path
+
+
+def load_pretrained(path: str) -> Dict[str, Any]:
+  """Reads params and batch_stats (numpy) from a checkpoint or exported backbone."""
+  item = resolve_checkpoint_path(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  # Read as host numpy arrays: the pretraining run's device layout (another
+  # mesh, another host count) says nothing about this one's.
+  metadata = checkpointer.metadata(item).item_metadata
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+  tree = checkpointer.restore(
+      item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  missing = [k for k in ('params', 'batch_stats') if k not in tree]
+  if missing:
+    raise ValueError(f'init_checkpoint {item!r} has no {missing[0]!r}; '
+                     'expected a simclr_jax checkpoint or exported backbone.')
+  logging.info('Loaded pretrained weights from %s.', item)
+  return {k: jax.tree.map(np.asarray, tree[k])
+          for k in ('params', 'batch_stats')}
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
+                     *, reinit: Tuple[str, ...] = ('supervised_head',),
+                     what: str = 'params') -> Any:
+  """Takes every leaf of `target` from `pretrained`, except subtrees in `reinit`.
+
+  Leaves whose path contains a name in `reinit` (the new classifier) keep the
+  target's fresh initialisation. Any other leaf must exist in `pretrained`
+  with the same shape; the first that does not is named in the error.
+  Pretrained leaves the target does not use (e.g. a projection head that
+  linear eval drops) are ignored.
+  """
+  flat_pre = {_path_str(p): v
+              for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+
+  def pick(path, leaf):
+    name = _path_str(path)
+    if any(part in reinit for part in name.split('/')):
+      return leaf
+    if name not in flat_pre:
+      raise ValueError(
+          f'init_checkpoint: {what} path {name!r} of the model is missing '
+          'from the checkpoint.')
+    value = flat_pre[name]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(
+          f'init_checkpoint: {what} path {name!r} has shape '
+          f'{tuple(value.shape)} in the checkpoint but {tuple(leaf.shape)} in '
+          'the model.')
+    return np.asarray(value, dtype=leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, target)
+
+
+# ----------------------------------------------------------------------------
+# Export of the backbone alone.
+# ----------------------------------------------------------------------------
+def backbone_only(tree: Mapping[str, Any]) -> Dict[str, Any]:
+  """Drops the head subtrees (projection and supervised heads)."""
+  return {k: v for k, v in tree.items()
+          if not any(k.startswith(p) for p in HEAD_PREFIXES)}
+
+
+def export_backbone(state, path: str) -> str:
+  """Writes {'params', 'batch_stats'} of the backbone to `path` (synchronous).
+
+  The result loads with `load_pretrained(path)` or as `init_checkpoint`.
+  """
+  path = os.path.abspath(path)
+  tree = {'params': backbone_only(state.params),
+          'batch_stats': backbone_only(state.batch_stats)}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  logging.info('Exported backbone parameters to %s.', path)
+  return path
+
+
+def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
+  """Steps of the complete checkpoints under `workdir` (for tests and tools)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return ()
+  return tuple(sorted(_numeric_subdirs(directory)))
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  steps = checkpoint_steps(workdir)
+  return steps[-1] if steps else None
