@@ -47,7 +47,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-DATA_AXIS = 'data'
+from simclr_jax import sharding as sharding_lib
+from simclr_jax.sharding import DATA_AXIS
 # Features are compared to numpy references and to each other across device
 # counts; TPUs would otherwise multiply float32 in bf16 passes.
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -251,24 +252,25 @@ class SplitFeatures(NamedTuple):
 
 
 def default_mesh() -> Mesh:
-  """A 1-D mesh over every device of every host (what sharding.create_mesh gives)."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  """The training mesh: 'data' over every device of every host."""
+  return sharding_lib.create_mesh()
 
 
-def as_global(x, sharding: NamedSharding) -> jax.Array:
-  """A batch-major array as a global jax.Array with `sharding`.
+def as_global(x, mesh: Mesh) -> jax.Array:
+  """A batch-major array as a global jax.Array, rows split over 'data'.
 
   A non-fully-addressable jax.Array is already global (a multi-host
   feature_fn output) and is only resharded if needed; anything else is this
   host's rows, concatenated across hosts in process order like the images.
   """
+  rows = sharding_lib.data_sharding(mesh)
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    if x.sharding.is_equivalent_to(sharding, x.ndim):
+    if x.sharding.is_equivalent_to(rows, x.ndim):
       return x
-    return jax.device_put(x, sharding)
+    return jax.device_put(x, rows)
   if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.device_put(x, rows)
+  return sharding_lib.host_batch_to_global(np.asarray(x), mesh)
 
 
 def _to_host(x) -> np.ndarray:
@@ -281,16 +283,15 @@ def _to_host(x) -> np.ndarray:
 def extract_features(state, feature_fn: FeatureFn, batches: Iterable[dict],
                      mesh: Mesh) -> SplitFeatures:
   """l2-normalised `feature_fn` outputs of every batch, stacked to [T, B, d]."""
-  row = NamedSharding(mesh, P(DATA_AXIS))
   feats, labels, masks = [], [], []
   for batch in batches:
-    f = as_global(feature_fn(state, batch['image']), row)
+    f = as_global(feature_fn(state, batch['image']), mesh)
     feats.append(_normalize_rows(f.astype(jnp.float32)))
-    labels.append(as_global(np.asarray(batch['label'], np.int32), row))
+    labels.append(as_global(np.asarray(batch['label'], np.int32), mesh))
     mask = batch.get('mask')
     if mask is None:
       mask = np.ones(np.shape(batch['label']), bool)
-    masks.append(as_global(np.asarray(mask, bool), row))
+    masks.append(as_global(np.asarray(mask, bool), mesh))
   if not feats:
     raise ValueError('The evaluation iterator yielded no batches.')
   stack = _stacker(NamedSharding(mesh, P(None, DATA_AXIS)))
@@ -456,15 +457,15 @@ class LinearHeadEvaluator(Evaluator):
     self.every_steps = every_steps
 
   def run(self, state):
-    row = NamedSharding(self.mesh, P(DATA_AXIS))
     totals = None
     for batch in self.data_fn(self.query_split):
-      logits = as_global(self.logits_fn(state, batch['image']), row)
-      labels = as_global(np.asarray(batch['label'], np.int32), row)
+      logits = as_global(self.logits_fn(state, batch['image']), self.mesh)
+      labels = as_global(np.asarray(batch['label'], np.int32), self.mesh)
       mask = batch.get('mask')
       if mask is None:
         mask = np.ones(np.shape(batch['label']), bool)
-      counts = _head_counts(logits, labels, as_global(np.asarray(mask), row))
+      counts = _head_counts(logits, labels,
+                            as_global(np.asarray(mask, bool), self.mesh))
       totals = counts if totals is None else jax.tree.map(jnp.add, totals,
                                                           counts)
     if totals is None:
