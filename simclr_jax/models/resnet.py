@@ -1,0 +1,313 @@
+"""ResNet v1 backbones for SimCLR (depths 18-200, width multiplier, SK, CIFAR stem).
+
+Follows the reference release's `tf2/resnet.py` (google-research/simclr):
+- post-activation ResNet v1; bottleneck blocks put the stride on the 3x3 conv
+  ("v1.5"), basic blocks on their first 3x3 conv;
+- conv kernels have no bias, init VarianceScaling(1, fan_in, truncated normal);
+- BatchNorm momentum 0.9 (the reference's batch_norm_decay), eps 1e-5; the last
+  BN of every residual branch has gamma initialised to zero, so every block starts
+  as the identity on its shortcut;
+- strided convs pad explicitly with (k-1)//2 before / the rest after, then VALID
+  (the reference's `Conv2dFixedPadding`), stride-1 convs use SAME;
+- `sk_ratio > 0` (SimCLRv2): the bottleneck's 3x3 conv becomes a selective-kernel
+  conv, the ImageNet stem becomes the ResNet-D stem (three 3x3 convs) and the
+  projection shortcut becomes avg-pool + 1x1 conv (ResNet-D);
+- `cifar_stem`: a single 3x3 stride-1 conv and no max-pool.
+
+One deliberate difference: a projection shortcut (1x1 conv + BN) is used only
+where the block changes the shape (stride or channel count). The reference also
+puts one on the first basic block of ResNet-18/34, where the shape does not
+change; without it ResNet-18 has the standard 11,176,512 backbone parameters
+(DESIGN §3). Bottleneck networks are unaffected (their first block always
+changes the channel count), so ResNet-50 1x has 23,508,032 as in the reference.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BATCH_NORM_DECAY = 0.9
+BATCH_NORM_EPSILON = 1e-5
+
+# depth -> (block kind, blocks per group), as the reference's `model_params`.
+RESNET_LAYERS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+    200: ('bottleneck', (3, 24, 36, 3)),
+}
+
+conv_kernel_init = nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal')
+
+
+def output_width(depth: int, width_multiplier: int = 1) -> int:
+  """Width of the pooled representation: 512·w (18/34) or 2048·w (50+)."""
+  kind, _ = RESNET_LAYERS[depth]
+  return (512 if kind == 'basic' else 2048) * width_multiplier
+
+
+def batch_norm(x, train: bool, *, name: str, relu: bool = True,
+               zero_init: bool = False, dtype: Any = jnp.float32):
+  """BatchNorm (+ ReLU) with the reference's decay, epsilon and gamma init.
+
+  Called inside a parent's `nn.compact` method, so the layer is a direct child
+  of that parent (param path `.../name/scale`).
+  """
+  x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BATCH_NORM_DECAY,
+      epsilon=BATCH_NORM_EPSILON,
+      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name)(x)
+  return nn.relu(x) if relu else x
+
+
+def fixed_padding_conv(x, features: int, kernel_size: int, strides: int = 1, *,
+                       name: str, dtype: Any = jnp.float32):
+  """Conv without bias; explicit (k-1)//2 | k-1-(k-1)//2 padding when strided.
+
+  Matches the reference's `Conv2dFixedPadding`: the padding of a strided conv
+  does not depend on the input size (TF's SAME would pad (0, 1) on even inputs).
+  """
+  if strides > 1:
+    pad_total = kernel_size - 1
+    pad_beg = pad_total // 2
+    padding = ((pad_beg, pad_total - pad_beg),) * 2
+  else:
+    padding = 'SAME'
+  return nn.Conv(
+      features, (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=padding,
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name)(x)
+
+
+class SelectiveKernelConv(nn.Module):
+  """Selective-kernel 3x3 conv (Li et al. 2019, arXiv:1903.06586), as SimCLRv2.
+
+  Two 3x3 streams are computed by one conv with 2·filters outputs (+BN+ReLU) and
+  split. A gate from the global average of their sum,
+  `a = softmax_streams(W2 · relu(BN(W1 · mean_hw(s1 + s2))))`, mixes them:
+  `y = a1 * s1 + a2 * s2`. W1 has `max(int(filters·sk_ratio), 32)` outputs.
+  """
+  filters: int
+  strides: int
+  sk_ratio: float
+  min_dim: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = fixed_padding_conv(x, 2 * self.filters, 3, self.strides, name='conv',
+                           dtype=self.dtype)
+    x = batch_norm(x, train, name='bn', dtype=self.dtype)
+    streams = jnp.stack(jnp.split(x, 2, axis=-1))  # [2, B, H, W, C]
+    global_features = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2),
+                               keepdims=True)
+    mid_dim = max(int(self.filters * self.sk_ratio), self.min_dim)
+    gate = fixed_padding_conv(global_features, mid_dim, 1, name='gate_conv1',
+                              dtype=self.dtype)
+    gate = batch_norm(gate, train, name='gate_bn', dtype=self.dtype)
+    mixing = fixed_padding_conv(gate, 2 * self.filters, 1, name='gate_conv2',
+                                dtype=self.dtype)
+    mixing = jnp.stack(jnp.split(mixing, 2, axis=-1))  # [2, B, 1, 1, C]
+    # Softmax in float32: the gate decides the mix of two large activations.
+    mixing = jax.nn.softmax(mixing.astype(jnp.float32), axis=0)
+    return jnp.sum(streams * mixing.astype(streams.dtype), axis=0)
+
+
+class ProjectionShortcut(nn.Module):
+  """1x1 conv + BN shortcut; with ResNet-D (sk_ratio > 0) avg-pool first.
+
+  ResNet-D (He et al. 2019, arXiv:1812.01187) moves the stride from the 1x1 conv
+  to a 2x2 average pool so no input pixel is skipped. As in the reference, a
+  strided pool pads (0, 1) with zeros that count in the average, a stride-1 pool
+  uses SAME padding that does not count.
+  """
+  features: int
+  strides: int
+  resnet_d: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.resnet_d:
+      if self.strides > 1:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        x = nn.avg_pool(x, (2, 2), strides=(self.strides,) * 2, padding='VALID')
+      else:
+        x = nn.avg_pool(x, (2, 2), strides=(1, 1), padding=((0, 1), (0, 1)),
+                        count_include_pad=False)
+      x = fixed_padding_conv(x, self.features, 1, 1, name='conv',
+                           dtype=self.dtype)
+    else:
+      x = fixed_padding_conv(x, self.features, 1, self.strides, name='conv',
+                           dtype=self.dtype)
+    return batch_norm(x, train, relu=False, name='bn', dtype=self.dtype)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs: `relu(x_short + BN(conv(relu(BN(conv(x))))))`."""
+  filters: int
+  strides: int
+  sk_ratio: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    shortcut = x
+    if self.strides > 1 or x.shape[-1] != self.filters:
+      shortcut = ProjectionShortcut(self.filters, self.strides,
+                                    resnet_d=self.sk_ratio > 0,
+                                    dtype=self.dtype, name='shortcut')(x, train)
+    y = fixed_padding_conv(x, self.filters, 3, self.strides, name='conv1',
+                           dtype=self.dtype)
+    y = batch_norm(y, train, name='bn1', dtype=self.dtype)
+    y = fixed_padding_conv(y, self.filters, 3, 1, name='conv2',
+                           dtype=self.dtype)
+    y = batch_norm(y, train, relu=False, zero_init=True, name='bn2',
+                   dtype=self.dtype)
+    return nn.relu(y + shortcut)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 (filters) -> 3x3 (filters, strided; SK if sk_ratio > 0) -> 1x1 (4·filters)."""
+  filters: int
+  strides: int
+  sk_ratio: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    shortcut = x
+    if self.strides > 1 or x.shape[-1] != 4 * self.filters:
+      shortcut = ProjectionShortcut(4 * self.filters, self.strides,
+                                    resnet_d=self.sk_ratio > 0,
+                                    dtype=self.dtype, name='shortcut')(x, train)
+    y = fixed_padding_conv(x, self.filters, 1, 1, name='conv1',
+                           dtype=self.dtype)
+    y = batch_norm(y, train, name='bn1', dtype=self.dtype)
+    if self.sk_ratio > 0:
+      # The SK conv carries its own BN + ReLU on the streams.
+      y = SelectiveKernelConv(self.filters, self.strides, self.sk_ratio,
+                              dtype=self.dtype, name='sk_conv')(y, train)
+    else:
+      y = fixed_padding_conv(y, self.filters, 3, self.strides, name='conv2',
+                           dtype=self.dtype)
+      y = batch_norm(y, train, name='bn2', dtype=self.dtype)
+    y = fixed_padding_conv(y, 4 * self.filters, 1, 1, name='conv3',
+                           dtype=self.dtype)
+    y = batch_norm(y, train, relu=False, zero_init=True, name='bn3',
+                   dtype=self.dtype)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """ResNet v1 returning the global-average-pooled representation, float32.
+
+  Attributes:
+    depth: 18, 34 (basic blocks), 50, 101, 152, 200 (bottleneck blocks).
+    width_multiplier: integer w; channels are 64·w ... 512·w (·4 for bottleneck).
+    sk_ratio: > 0 turns on selective kernels, the ResNet-D stem and shortcut.
+    cifar_stem: 3x3 stride-1 stem conv and no max-pool (images <= 32 px).
+    dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
+    fine_tune_after_block: as the reference's flag: the output of block k
+      (0 = stem, 1..4 = block groups) goes through stop_gradient, so blocks
+      0..k get no gradient, and those blocks run BatchNorm in inference mode
+      (the reference makes them non-trainable Keras layers, which do the same).
+      -1 trains everything.
+    remat: wrap every residual block in `nn.remat` (saves activation memory for
+      wide models at the cost of recomputing the forward pass).
+
+  Parameter tree: `stem` (`conv`/`bn`, or `conv0..2`/`bn0..2` for ResNet-D),
+  `block_group{g}_block{j}` (g = 1..4) with `conv1..3`, `bn1..3` (basic
+  blocks: `conv1..2`, `bn1..2`), optional `shortcut/{conv,bn}`, and for SK
+  bottlenecks `sk_conv/{conv,bn,gate_conv1,gate_bn,gate_conv2}` in place of
+  `conv2`/`bn2`.
+  """
+  depth: int
+  width_multiplier: int = 1
+  sk_ratio: float = 0.0
+  cifar_stem: bool = False
+  dtype: Any = jnp.float32
+  fine_tune_after_block: int = -1
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.depth not in RESNET_LAYERS:
+      raise ValueError(f'Unsupported ResNet depth {self.depth}; '
+                       f'choose one of {sorted(RESNET_LAYERS)}.')
+    kind, layers = RESNET_LAYERS[self.depth]
+    block_cls = BasicBlock if kind == 'basic' else BottleneckBlock
+    if self.remat:
+      # argnum 0 is the module itself, 2 is `train` (a Python bool).
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
+    w = self.width_multiplier
+    x = jnp.asarray(x, self.dtype)
+
+    # Block 0: the stem. A block index <= fine_tune_after_block is frozen.
+    stem_train = train and self.fine_tune_after_block < 0
+    x = Stem(64 * w, cifar_stem=self.cifar_stem, resnet_d=self.sk_ratio > 0,
+             dtype=self.dtype, name='stem')(x, stem_train)
+    if self.fine_tune_after_block == 0:
+      x = jax.lax.stop_gradient(x)
+
+    for group, (num_blocks, filters) in enumerate(
+        zip(layers, (64 * w, 128 * w, 256 * w, 512 * w)), start=1):
+      group_train = train and self.fine_tune_after_block < group
+      for j in range(num_blocks):
+        strides = 2 if (group > 1 and j == 0) else 1
+        x = block_cls(filters, strides, sk_ratio=self.sk_ratio,
+                      dtype=self.dtype,
+                      name=f'block_group{group}_block{j}')(x, group_train)
+      if self.fine_tune_after_block == group:
+        x = jax.lax.stop_gradient(x)
+
+    # Pool in float32: a mean over up to 56x56 positions loses bits in bf16.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class Stem(nn.Module):
+  """CIFAR: 3x3/1 conv-BN-ReLU. ImageNet: 7x7/2 conv-BN-ReLU, 3x3/2 max-pool.
+
+  ResNet-D (sk_ratio > 0, ImageNet stem): the 7x7 conv becomes three 3x3 convs
+  (32·w/2, stride 2; 32·w, 1; 64·w, 1) with BN-ReLU between them.
+  """
+  features: int
+  cifar_stem: bool
+  resnet_d: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.cifar_stem:
+      x = fixed_padding_conv(x, self.features, 3, 1, name='conv',
+                           dtype=self.dtype)
+      return batch_norm(x, train, name='bn', dtype=self.dtype)
+    if self.resnet_d:
+      x = fixed_padding_conv(x, self.features // 2, 3, 2, name='conv0',
+                           dtype=self.dtype)
+      x = batch_norm(x, train, name='bn0', dtype=self.dtype)
+      x = fixed_padding_conv(x, self.features // 2, 3, 1, name='conv1',
+                           dtype=self.dtype)
+      x = batch_norm(x, train, name='bn1', dtype=self.dtype)
+      x = fixed_padding_conv(x, self.features, 3, 1, name='conv2',
+                           dtype=self.dtype)
+      x = batch_norm(x, train, name='bn2', dtype=self.dtype)
+    else:
+      x = fixed_padding_conv(x, self.features, 7, 2, name='conv',
+                           dtype=self.dtype)
+      x = batch_norm(x, train, name='bn', dtype=self.dtype)
+    # Max-pool SAME: lax pads (total//2, rest) with -inf, as TF's SAME does.
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')

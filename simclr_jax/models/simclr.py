@@ -1,0 +1,127 @@
+"""SimCLR model: ResNet backbone f, projection head g, linear classifier.
+
+`h = f(x)`, `z = g(h)` (contrastive loss on z), and an optional linear
+classifier named `supervised_head` (LARS exclusion and weight decay decided by
+that name, see optim.py). Where the classifier reads from, per train_mode
+(reference `tf2/model.py` `Model.__call__`):
+- pretrain: on `stop_gradient(h)` if lineareval_while_pretraining, so the
+  linear-eval labels never shape the representation; else no classifier.
+- linear_eval: backbone and projection head frozen (stop_gradient, BatchNorm in
+  inference mode, as the reference's finetune with fine_tune_after_block=4);
+  classifier on h.
+- finetune: classifier on the output of projection-head layer
+  `ft_proj_selector` (0 = h), gradients flow into the backbone except for the
+  blocks frozen by `fine_tune_after_block`.
+- supervised: classifier on h, everything trained.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclr_jax.models.heads import ProjectionHead
+from simclr_jax.models.resnet import ResNet
+
+TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
+
+
+class SimCLRModel(nn.Module):
+  """Backbone + projection head + optional `supervised_head`.
+
+  `__call__(images, train)` -> `(representation, projection, supervised_logits)`
+  in float32; `supervised_logits` is None when no classifier is built
+  (pretrain without lineareval_while_pretraining).
+
+  `fine_tune_after_block` only acts in finetune mode (the reference rejects it
+  in pretraining; linear_eval freezes the whole backbone anyway).
+  """
+  resnet_depth: int = 50
+  width_multiplier: int = 1
+  sk_ratio: float = 0.0
+  cifar_stem: bool = False
+  proj_head_mode: str = 'nonlinear'
+  num_proj_layers: int = 2
+  proj_out_dim: int = 128
+  ft_proj_selector: int = 0
+  num_classes: Optional[int] = None
+  train_mode: str = 'pretrain'
+  lineareval_while_pretraining: bool = True
+  fine_tune_after_block: int = -1
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def has_supervised_head(self) -> bool:
+    return self.train_mode != 'pretrain' or self.lineareval_while_pretraining
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    if self.train_mode not in TRAIN_MODES:
+      raise ValueError(f'Unknown train_mode {self.train_mode!r}; '
+                       f'expected one of {TRAIN_MODES}.')
+    if self.has_supervised_head() and not self.num_classes:
+      raise ValueError(f'train_mode={self.train_mode!r} (lineareval_while_'
+                       f'pretraining={self.lineareval_while_pretraining}) '
+                       'builds a supervised_head and needs num_classes > 0.')
+    frozen = self.train_mode == 'linear_eval'
+    if frozen:
+      freeze_after = 4
+    elif self.train_mode == 'finetune':
+      freeze_after = self.fine_tune_after_block
+    else:
+      freeze_after = -1
+
+    h = ResNet(self.resnet_depth, self.width_multiplier,
+               sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
+               dtype=self.dtype, fine_tune_after_block=freeze_after,
+               remat=self.remat, name='resnet')(images, train)
+    projection, hiddens = ProjectionHead(
+        self.proj_head_mode, self.num_proj_layers, self.proj_out_dim,
+        dtype=self.dtype, name='projection_head')(h, train and not frozen)
+    if not 0 <= self.ft_proj_selector < len(hiddens):
+      raise ValueError(f'ft_proj_selector={self.ft_proj_selector} but the '
+                       f'{self.proj_head_mode!r} head has {len(hiddens) - 1} '
+                       'layers.')
+
+    logits = None
+    if self.has_supervised_head():
+      if self.train_mode == 'finetune':
+        head_input = hiddens[self.ft_proj_selector]
+      elif self.train_mode == 'supervised':
+        head_input = h
+      else:  # pretrain with linear eval, or linear_eval: frozen features.
+        head_input = jax.lax.stop_gradient(h)
+      logits = nn.Dense(self.num_classes,
+                        kernel_init=nn.initializers.normal(stddev=0.01),
+                        dtype=self.dtype, param_dtype=jnp.float32,
+                        name='supervised_head')(head_input)
+      logits = logits.astype(jnp.float32)
+    return (h.astype(jnp.float32), projection.astype(jnp.float32), logits)
+
+
+def create_model(config, num_classes: Optional[int] = None) -> SimCLRModel:
+  """Builds a SimCLRModel from the flat config keys (DESIGN §4).
+
+  Args:
+    config: ml_collections.ConfigDict (or any mapping with `.get`).
+    num_classes: number of classes; defaults to `config.num_classes`.
+  """
+  get = config.get
+  if num_classes is None:
+    num_classes = get('num_classes', None)
+  return SimCLRModel(
+      resnet_depth=config.resnet_depth,
+      width_multiplier=get('width_multiplier', 1),
+      sk_ratio=get('sk_ratio', 0.0),
+      cifar_stem=config.image_size <= 32,
+      proj_head_mode=get('proj_head_mode', 'nonlinear'),
+      num_proj_layers=get('num_proj_layers', 2),
+      proj_out_dim=get('proj_out_dim', 128),
+      ft_proj_selector=get('ft_proj_selector', 0),
+      num_classes=num_classes,
+      train_mode=get('train_mode', 'pretrain'),
+      lineareval_while_pretraining=get('lineareval_while_pretraining', True),
+      fine_tune_after_block=get('fine_tune_after_block', -1),
+      dtype=jnp.dtype(get('dtype', 'float32')),
+      remat=get('remat', False),
+  )
