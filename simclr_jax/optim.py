@@ -1,0 +1,183 @@
+"""Optimizers and learning-rate schedule (reference `tf2/lars_optimizer.py`,
+`tf2/model.py`), DESIGN.md §3. Built from optax transformations only.
+
+LARS, classic momentum, per parameter tensor w with gradient g:
+  g <- g + wd·w                                     (unless excluded)
+  trust = eeta·‖w‖/‖g‖ if ‖w‖ > 0 and ‖g‖ > 0 else 1  (unless excluded)
+  v <- m·v + lr·trust·g;   w <- w − v                (Nesterov: w − (m·v + lr·trust·g))
+Excluded (plain momentum, no decay, no trust ratio): biases, every BatchNorm
+parameter and the supervised head (`lars_exclusion_mask`). The learning rate
+sits inside the momentum buffer, as in the reference; `optax.lars` is exactly
+this chain (add_decayed_weights, masked trust ratio, scale_by_learning_rate,
+trace).
+
+Weight decay of the supervised head: the reference adds `wd·Σ ½‖W‖²` over its
+kernels to the loss (`supervised_head_l2`); train.py does that in every mode.
+For `momentum` and `adam` the reference puts `wd·½‖w‖²` of every non-BatchNorm
+weight into the loss; here that is `add_decayed_weights` (the same gradient)
+on every non-BatchNorm leaf except the supervised head's kernel, which the
+loss term already covers.
+
+Schedule: scaled = lr·B/256 (linear) or lr·√B (sqrt); warmup =
+round(warmup_epochs·N_ex // B); total = train_steps or N_ex·epochs // B + 1;
+lr(t) = t/warmup·scaled for t < warmup, then cosine from scaled to 0 over
+total − warmup steps (0 afterwards).
+"""
+import re
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SUPERVISED_HEAD = 'supervised_head'
+# BatchNorm module names in simclr_jax.models (bn, bn1, gate_bn, ...) and
+# Flax's default names (BatchNorm_0).
+_BATCH_NORM_MODULE = re.compile(r'(^|_)bn\d*$|batch_?norm', re.IGNORECASE)
+
+
+def _path_names(path) -> list:
+  return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+
+
+def _is_batch_norm(names) -> bool:
+  return (names[-1] == 'scale' or
+          any(_BATCH_NORM_MODULE.search(n) for n in names[:-1]))
+
+
+def lars_exclusion_mask(params) -> Any:
+  """Pytree of bools, True where LARS skips decay and trust ratio.
+
+  Excluded, from the leaf's path (the reference's ['batch_normalization',
+  'bias', 'head_supervised'] name substrings): a `bias` leaf, any BatchNorm
+  parameter (`scale`, or a leaf under a BatchNorm module), and everything
+  under `supervised_head`.
+  """
+  def excluded(path, _):
+    names = _path_names(path)
+    return (names[-1] == 'bias' or _is_batch_norm(names) or
+            SUPERVISED_HEAD in names)
+  return jax.tree_util.tree_map_with_path(excluded, params)
+
+
+def l2_decay_mask(params) -> Any:
+  """True where momentum/adam add wd·w to the gradient (the reference's l2
+  loss over non-BatchNorm weights), minus the supervised head's kernel, whose
+  decay `supervised_head_l2` adds to the loss."""
+  def decayed(path, _):
+    names = _path_names(path)
+    if _is_batch_norm(names):
+      return False
+    return not (SUPERVISED_HEAD in names and names[-1] == 'kernel')
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def _negate(mask_fn):
+  return lambda params: jax.tree.map(lambda x: not x, mask_fn(params))
+
+
+def lars(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
+         momentum: float = 0.9, eeta: float = 1e-3,
+         nesterov: bool = False) -> optax.GradientTransformation:
+  """LARS with classic momentum as the reference (formula in the module doc).
+
+  Decay and trust ratio apply where `lars_exclusion_mask` is False.
+  """
+  included = _negate(lars_exclusion_mask)
+  return optax.lars(learning_rate, weight_decay=weight_decay,
+                    weight_decay_mask=included, trust_coefficient=eeta,
+                    eps=0.0, trust_ratio_mask=included, momentum=momentum,
+                    nesterov=nesterov)
+
+
+def schedule_steps(*, batch_size: int, num_examples: int, train_epochs: float,
+                   warmup_epochs: float, train_steps: int = 0) -> Dict[str, int]:
+  """`warmup` and `total` steps exactly as the reference computes them."""
+  warmup = int(round(warmup_epochs * num_examples // batch_size))
+  total = int(train_steps or num_examples * train_epochs // batch_size + 1)
+  return dict(warmup_steps=warmup, total_steps=total)
+
+
+def scale_learning_rate(base_learning_rate: float, batch_size: int,
+                        scaling: str = 'linear') -> float:
+  """lr·B/256 (linear) or lr·√B (sqrt)."""
+  if scaling == 'linear':
+    return base_learning_rate * batch_size / 256.
+  if scaling == 'sqrt':
+    return base_learning_rate * batch_size ** 0.5
+  raise ValueError(f"Unknown learning_rate_scaling {scaling!r}; "
+                   "expected 'linear' or 'sqrt'.")
+
+
+def warmup_cosine(base_learning_rate: float, *, batch_size: int,
+                  num_examples: int, train_epochs: float, warmup_epochs: float,
+                  scaling: str = 'linear', train_steps: int = 0
+                  ) -> optax.Schedule:
+  """Linear warmup then cosine decay to 0 (reference WarmUpAndCosineDecay).
+
+  If the run is shorter than the warmup (total <= warmup), the cosine part
+  lasts one step, so the rate drops to 0 after the warmup (the reference would
+  divide by zero or a negative count there).
+  """
+  scaled = scale_learning_rate(base_learning_rate, batch_size, scaling)
+  steps = schedule_steps(batch_size=batch_size, num_examples=num_examples,
+                         train_epochs=train_epochs, warmup_epochs=warmup_epochs,
+                         train_steps=train_steps)
+  warmup = steps['warmup_steps']
+  decay_steps = max(steps['total_steps'] - warmup, 1)
+  cosine = optax.cosine_decay_schedule(scaled, decay_steps, alpha=0.0)
+  if warmup == 0:
+    return cosine
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, scaled, warmup), cosine], [warmup])
+
+
+def create_learning_rate_schedule(config, num_examples: int) -> optax.Schedule:
+  """warmup_cosine from the config's flat keys (DESIGN §4)."""
+  return warmup_cosine(
+      config.learning_rate,
+      batch_size=config.train_batch_size,
+      num_examples=num_examples,
+      train_epochs=config.train_epochs,
+      warmup_epochs=config.warmup_epochs,
+      scaling=config.learning_rate_scaling,
+      train_steps=config.train_steps)
+
+
+def create_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
+                     ) -> optax.GradientTransformation:
+  """`config.optimizer`: lars | momentum | adam (reference `build_optimizer`).
+
+  - lars: `lars()` with config.momentum, weight_decay, lars_eeta.
+  - momentum: SGD with momentum (Nesterov if config.nesterov), lr inside the
+    momentum buffer as Keras SGD; l2 decay on `l2_decay_mask`.
+  - adam: Adam on the gradient plus the same l2 decay (an l2 loss, not AdamW).
+  """
+  name = config.optimizer
+  weight_decay = config.weight_decay
+  get = config.get
+  if name == 'lars':
+    return lars(learning_rate_fn, weight_decay=weight_decay,
+                momentum=config.momentum, eeta=get('lars_eeta', 1e-3))
+  if name == 'momentum':
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=l2_decay_mask),
+        optax.scale_by_learning_rate(learning_rate_fn),
+        optax.trace(decay=config.momentum, nesterov=get('nesterov', False)))
+  if name == 'adam':
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=l2_decay_mask),
+        optax.adam(learning_rate_fn))
+  raise ValueError(f"Unknown optimizer {name!r}; expected 'lars', 'momentum' "
+                   "or 'adam'.")
+
+
+def supervised_head_l2(params, weight_decay: float) -> jax.Array:
+  """wd·Σ ½‖W‖² over the supervised head's kernels (reference
+  `add_weight_decay` for LARS; tf.nn.l2_loss is ½‖W‖²). 0 without a head."""
+  total = jnp.zeros((), jnp.float32)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = _path_names(path)
+    if SUPERVISED_HEAD in names and names[-1] == 'kernel':
+      total += 0.5 * jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+  return weight_decay * total
