@@ -241,6 +241,13 @@ def test_remat_same_params_and_output():
                           mutable=['batch_stats'])
     return jnp.sum(out ** 2)
 
+  # The rematted gradient really recomputes: a remat primitive per residual
+  # block (8 in ResNet-18) in the backward jaxpr, none without remat.
+  def num_remats(module):
+    return str(jax.make_jaxpr(jax.grad(lambda p: loss(module, p)))(
+        variables['params'])).count('remat2[')
+  assert num_remats(rematted) == 8
+  assert num_remats(plain) == 0
   l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(
       variables['params'])
   l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(rematted, p)))(
