@@ -139,6 +139,33 @@ def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
+def _pick_pretrained(target, pretrained, *, reinit, what):
+  """f(path, target_leaf) -> the pretrained leaf (or None: keep the target's).
+
+  Raises ValueError naming the first path missing or of another shape.
+  """
+  flat_pre = {_path_str(p): v
+              for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+
+  def pick(path, leaf):
+    name = _path_str(path)
+    if any(part in reinit for part in name.split('/')):
+      return None
+    if name not in flat_pre:
+      raise ValueError(
+          f'init_checkpoint: {what} path {name!r} of the model is missing '
+          'from the checkpoint.')
+    value = flat_pre[name]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(
+          f'init_checkpoint: {what} path {name!r} has shape '
+          f'{tuple(value.shape)} in the checkpoint but {tuple(leaf.shape)} in '
+          'the model.')
+    return value
+
+  return pick
+
+
 def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
                      *, reinit: Tuple[str, ...] = ('supervised_head',),
                      what: str = 'params') -> Any:
@@ -150,26 +177,48 @@ def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
   Pretrained leaves the target does not use (e.g. a projection head that
   linear eval drops) are ignored.
   """
-  flat_pre = {_path_str(p): v
-              for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  pick = _pick_pretrained(target, pretrained, reinit=reinit, what=what)
 
-  def pick(path, leaf):
-    name = _path_str(path)
-    if any(part in reinit for part in name.split('/')):
-      return leaf
-    if name not in flat_pre:
-      raise ValueError(
-          f'init_checkpoint: {what} path {name!r} of the model is missing '
-          'from the checkpoint.')
-    value = flat_pre[name]
-    if tuple(value.shape) != tuple(leaf.shape):
-      raise ValueError(
-          f'init_checkpoint: {what} path {name!r} has shape '
-          f'{tuple(value.shape)} in the checkpoint but {tuple(leaf.shape)} in '
-          'the model.')
-    return np.asarray(value, dtype=leaf.dtype)
+  def merge(path, leaf):
+    value = pick(path, leaf)
+    return leaf if value is None else np.asarray(value, dtype=leaf.dtype)
 
-  return jax.tree_util.tree_map_with_path(pick, target)
+  return jax.tree_util.tree_map_with_path(merge, target)
+
+
+def check_shapes(target: Mapping[str, Any], pretrained: Mapping[str, Any],
+                 *, reinit: Tuple[str, ...] = ('supervised_head',),
+                 what: str = 'params') -> None:
+  """merge_pretrained's checks alone, on shapes (abstract trees work).
+
+  `target` from `jax.eval_shape(model.init, ...)` and `pretrained` from
+  `pretrained_shapes(path)`: no array is read or allocated.
+  """
+  pick = _pick_pretrained(target, pretrained, reinit=reinit, what=what)
+  jax.tree_util.tree_map_with_path(pick, target)
+
+
+def pretrained_shapes(path: str) -> Dict[str, Any]:
+  """{'params', 'batch_stats'} of a checkpoint as ShapeDtypeStructs (metadata only)."""
+  item = resolve_checkpoint_path(path)
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(item)
+    metadata = getattr(getattr(metadata, 'item_metadata', None), 'tree',
+                       None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{item!r} is not a readable Orbax checkpoint '
+                     f'({type(e).__name__}: {e})') from None
+  if not metadata:
+    raise ValueError(f'no Orbax checkpoint in {item!r} (expected a pretraining '
+                     'workdir, its checkpoints/ or step directory, or an '
+                     'exported backbone).')
+  missing = [k for k in ('params', 'batch_stats') if k not in metadata]
+  if missing:
+    raise ValueError(f'{item!r} has no {missing[0]!r}; expected a simclr_jax '
+                     'checkpoint or exported backbone.')
+  return {k: jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata[k])
+          for k in ('params', 'batch_stats')}
 
 
 # ----------------------------------------------------------------------------
