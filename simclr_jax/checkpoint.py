@@ -12,7 +12,11 @@ Layout under a run's workdir:
 Saves are asynchronous (training continues while the arrays are written) and
 atomic: Orbax writes into a temporary directory and renames it when complete,
 so `latest_step()` only ever sees finished checkpoints. All hosts call save and
-restore; Orbax coordinates who writes what.
+restore; Orbax coordinates who writes what. A half-written step (the process
+was killed mid-save) stays an `<step>.orbax-checkpoint-tmp-*` directory that
+resuming ignores; a finished step that no longer reads (truncated or deleted
+array files) is skipped for the previous one and renamed `<step>.corrupt`.
+Nothing is deleted except by the keep-N retention of numbered steps.
 """
 import os
 import re
@@ -60,24 +64,65 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False
 
 
 def restore_latest(manager: ocp.CheckpointManager, state) -> Tuple[Any, int]:
-  """Restores the newest complete checkpoint into `state`'s structure.
+  """Restores the newest complete and readable checkpoint into `state`.
 
   `state` may be concrete or abstract (`jax.ShapeDtypeStruct`s with
   shardings, e.g. from `jax.eval_shape`); restored arrays take its shardings.
+
+  A checkpoint that fails to read (a truncated or deleted array file: the disk
+  filled up, a copy was interrupted) is logged with its path and skipped for
+  the next older one; once an older one has restored, the unreadable ones are
+  renamed `<step>.corrupt` (kept for inspection, never deleted, and out of
+  the way of this run's next save at that step). If none restores, the first
+  error is raised and nothing is renamed: then the cause is more likely the
+  config (another model) than the files.
 
   Returns:
     (state, step): the restored state, or the given one and 0 if the
     directory holds no complete checkpoint.
   """
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
   abstract = jax.tree.map(_abstract, state_to_tree(state))
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  tree = restored['state']
-  logging.info('Resumed from %s at step %d.', manager.directory, step)
-  return state.replace(**tree), int(step)
+  unreadable, first_error = [], None
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax/TensorStore raise plain Exceptions for unreadable arrays.
+      logging.error('Checkpoint %s cannot be read (%s: %s); trying the '
+                    'previous one.', _step_dir(manager, step),
+                    type(e).__name__, ' '.join(str(e).split())[:500])
+      unreadable.append(step)
+      first_error = first_error or e
+      continue
+    for bad in unreadable:
+      _set_aside(manager, bad)
+    logging.info('Resumed from %s at step %d.', _step_dir(manager, step), step)
+    return state.replace(**restored['state']), int(step)
+  if first_error is not None:
+    raise first_error
+  return state, 0
+
+
+def _step_dir(manager, step) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _set_aside(manager, step) -> None:
+  """Renames an unreadable step directory to `<step>.corrupt[.N]`."""
+  if jax.process_index() == 0:
+    src = _step_dir(manager, step)
+    dst, n = src + '.corrupt', 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f'{src}.corrupt.{n}'
+    os.rename(src, dst)
+    logging.error('Set the unreadable checkpoint aside: %s -> %s', src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+  manager.reload()
 
 
 def _abstract(x):
