@@ -199,7 +199,17 @@ def test_selective_kernel_resnet_runs():
   assert sk['gate_conv2']['kernel'].shape == (1, 1, 32, 256)
   assert params['block_group2_block0']['shortcut']['conv']['kernel'].shape == (
       1, 1, 256, 512)
-  variables = filled_variables(shapes)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
+                       jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  assert out.shape == (2, 2048)
+
+
+@pytest.mark.slow
+def test_selective_kernel_resnet_forward_is_finite():
+  # The SK block runs for real in the zero-gamma test; this runs the whole
+  # ResNet-50-SK (ResNet-D stem, both avg-pool shortcuts) in training mode.
+  model = resnet.ResNet(50, sk_ratio=0.0625)
+  variables = filled_variables(variable_shapes(model, 32))
   out, _ = jax.jit(lambda v, x: model.apply(v, x, train=True,
                                             mutable=['batch_stats']))(
                                                 variables, random_images(2))
@@ -227,30 +237,58 @@ def test_resnet_d_avg_pool_shortcut_matches_reference_padding():
                              rtol=1e-5)
 
 
-def test_remat_same_params_and_output():
-  x = random_images(2, 16)
+def remat_loss(module, variables, x):
+  def loss(params):
+    # train positionally: remat's static_argnums cannot see keywords.
+    out, _ = module.apply({**variables, 'params': params}, x, True,
+                          mutable=['batch_stats'])
+    return jnp.sum(out ** 2)
+  return loss
+
+
+def test_remat_wraps_every_block_and_keeps_params():
+  # Tracing only (no compile): the rematted backward holds one remat
+  # primitive per residual block (8 in ResNet-18), none without remat, and
+  # the parameter tree is the same (checkpoints stay interchangeable).
   plain = resnet.ResNet(18, cifar_stem=True)
   rematted = resnet.ResNet(18, cifar_stem=True, remat=True)
   shapes = variable_shapes(plain, 16)
   assert (jax.tree.structure(shapes) ==
           jax.tree.structure(variable_shapes(rematted, 16)))
   variables = filled_variables(shapes)
+  x = random_images(2, 16)
 
-  def loss(module, params):
-    out, _ = module.apply({**variables, 'params': params}, x, train=True,
-                          mutable=['batch_stats'])
-    return jnp.sum(out ** 2)
-
-  # The rematted gradient really recomputes: a remat primitive per residual
-  # block (8 in ResNet-18) in the backward jaxpr, none without remat.
   def num_remats(module):
-    return str(jax.make_jaxpr(jax.grad(lambda p: loss(module, p)))(
-        variables['params'])).count('remat2[')
+    grad_fn = jax.grad(remat_loss(module, variables, x))
+    return str(jax.make_jaxpr(grad_fn)(variables['params'])).count('remat2[')
   assert num_remats(rematted) == 8
   assert num_remats(plain) == 0
-  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(
+
+
+def test_remat_block_same_output_and_grads():
+  # One block as ResNet wraps it (train passed positionally, static).
+  x = random_images(2, 8)
+  plain = resnet.BasicBlock(8, 2)
+  rematted = nn.remat(resnet.BasicBlock, static_argnums=(2,))(8, 2)
+  variables = filled_variables(variable_shapes(plain, 8))
+  l1, g1 = jax.jit(jax.value_and_grad(remat_loss(plain, variables, x)))(
       variables['params'])
-  l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(rematted, p)))(
+  l2, g2 = jax.jit(jax.value_and_grad(remat_loss(rematted, variables, x)))(
+      variables['params'])
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_remat_resnet_same_output_and_grads():
+  x = random_images(2, 16)
+  plain = resnet.ResNet(18, cifar_stem=True)
+  rematted = resnet.ResNet(18, cifar_stem=True, remat=True)
+  variables = filled_variables(variable_shapes(plain, 16))
+  l1, g1 = jax.jit(jax.value_and_grad(remat_loss(plain, variables, x)))(
+      variables['params'])
+  l2, g2 = jax.jit(jax.value_and_grad(remat_loss(rematted, variables, x)))(
       variables['params'])
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -419,20 +457,22 @@ def test_bfloat16_forward_same_argmax_as_float32(r18_variables):
   bf16 BN statistics, etc.). It runs through the real `supervised_head`.
   """
   images = random_images(NUM_CLASSES, 16, seed=1)
-  f32 = make_model(train_mode='supervised')
-  bf16 = make_model(train_mode='supervised', dtype=jnp.bfloat16)
-  (h32, _, _), _ = f32.apply(r18_variables, images, train=True,
-                             mutable=['batch_stats'])
+  def forward(model):
+    # One compile per dtype; the f32 one runs twice (same shapes).
+    return jax.jit(lambda v: model.apply(v, images, train=True,
+                                         mutable=['batch_stats'])[0])
+
+  f32 = forward(make_model(train_mode='supervised'))
+  bf16 = forward(make_model(train_mode='supervised', dtype=jnp.bfloat16))
+  h32, _, _ = f32(r18_variables)
   mean = jnp.mean(h32, axis=0)
   protos = (h32 - mean) / jnp.linalg.norm(h32 - mean, axis=1, keepdims=True)
   params = {**r18_variables['params'],
             'supervised_head': {'kernel': protos.T, 'bias': -mean @ protos.T}}
   variables = {**r18_variables, 'params': params}
 
-  (h32, _, logits32), _ = f32.apply(variables, images, train=True,
-                                    mutable=['batch_stats'])
-  (h16, _, logits16), _ = bf16.apply(variables, images, train=True,
-                                     mutable=['batch_stats'])
+  h32, _, logits32 = f32(variables)
+  h16, _, logits16 = bf16(variables)
   assert logits16.dtype == jnp.float32 and h16.dtype == jnp.float32
   cosines = logits32 / jnp.linalg.norm(h32 - mean, axis=1, keepdims=True)
   top2 = jnp.sort(cosines, axis=1)[:, -2:]
