@@ -460,20 +460,23 @@ def test_bfloat16_forward_same_argmax_as_float32(r18_variables):
   def forward(model):
     # One compile per dtype; the f32 one runs twice (same shapes).
     return jax.jit(lambda v: model.apply(v, images, train=True,
-                                         mutable=['batch_stats'])[0])
+                                         mutable=['batch_stats']))
 
   f32 = forward(make_model(train_mode='supervised'))
   bf16 = forward(make_model(train_mode='supervised', dtype=jnp.bfloat16))
-  h32, _, _ = f32(r18_variables)
+  (h32, _, _), _ = f32(r18_variables)
   mean = jnp.mean(h32, axis=0)
   protos = (h32 - mean) / jnp.linalg.norm(h32 - mean, axis=1, keepdims=True)
   params = {**r18_variables['params'],
             'supervised_head': {'kernel': protos.T, 'bias': -mean @ protos.T}}
   variables = {**r18_variables, 'params': params}
 
-  h32, _, logits32 = f32(variables)
-  h16, _, logits16 = bf16(variables)
+  (h32, _, logits32), _ = f32(variables)
+  (h16, _, logits16), state16 = bf16(variables)
   assert logits16.dtype == jnp.float32 and h16.dtype == jnp.float32
+  # Running statistics stay float32 after a bf16 step (same TrainState types).
+  assert {x.dtype for x in jax.tree.leaves(state16)} == {
+      jnp.dtype(jnp.float32)}
   cosines = logits32 / jnp.linalg.norm(h32 - mean, axis=1, keepdims=True)
   top2 = jnp.sort(cosines, axis=1)[:, -2:]
   assert float(jnp.min(top2[:, 1] - top2[:, 0])) >= 0.1  # test is meaningful
