@@ -152,9 +152,11 @@ def test_bottleneck_strides_on_3x3_conv():
   # shows in the shapes of intermediate activations.
   block = resnet.BottleneckBlock(16, 2)
   x = jnp.ones((1, 8, 8, 32))
-  variables = block.init(jax.random.PRNGKey(0), x, train=False)
-  _, state = block.apply(variables, x, train=False,
-                         capture_intermediates=True, mutable=['intermediates'])
+  # Shapes only: eval_shape traces init and apply without compiling.
+  _, state = jax.eval_shape(
+      lambda x: block.apply(block.init(jax.random.PRNGKey(0), x, train=False),
+                            x, train=False, capture_intermediates=True,
+                            mutable=['intermediates']), x)
   inter = state['intermediates']
   assert inter['conv1']['__call__'][0].shape == (1, 8, 8, 16)
   assert inter['conv2']['__call__'][0].shape == (1, 4, 4, 16)
