@@ -11,6 +11,8 @@ an invalid config value (configlib.validate), an unknown dataset or split, a
 dataset that is not prepared (the line gives the `tfds build` command), a
 workdir that cannot be written or that another live run holds, an
 `init_checkpoint` that is missing or whose shapes do not fit the model.
+A non-finite loss or gradient stops training with one line naming the step
+and exit code 3 (the newest checkpoint is still finite; do not just restart).
 """
 import difflib
 import os
@@ -46,6 +48,9 @@ flags.DEFINE_integer('process_id', None, 'This process in a hand-started run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 EXIT_BAD_INPUT = 2
+# Non-finite loss or gradients: restarting would replay the same steps, so a
+# supervisor that restarts preempted runs should not restart on this code.
+EXIT_NONFINITE = 3
 
 
 class BadInput(Exception):
@@ -361,7 +366,12 @@ def main(argv):
     # Imported here so that `--help` and bad input answer without loading
     # the training code.
     from simclr_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
+    try:
+      train.train_and_evaluate(config, workdir)
+    except FloatingPointError as e:
+      logging.exception('Training stopped.')
+      print(f'simclr_jax: error: {_one_line(e)}', file=sys.stderr, flush=True)
+      sys.exit(EXIT_NONFINITE)
   finally:
     if lead_host:
       lock.release()
