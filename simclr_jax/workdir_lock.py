@@ -18,6 +18,9 @@ import time
 from absl import logging
 
 LOCK_NAME = "simclr_jax.lock"
+# Lock files this process holds (absolute paths): a lock naming this pid that
+# is not in here was left by an earlier, dead process whose pid was reused.
+_HELD = set()
 
 
 class WorkdirLockedError(RuntimeError):
@@ -57,7 +60,12 @@ class WorkdirLock:
     if owner is None:
       return "unreadable lock file"
     if owner.get("host") == self._owner["host"]:
-      if not _pid_alive(int(owner.get("pid", -1))):
+      pid = int(owner.get("pid", -1))
+      if pid == os.getpid():
+        if os.path.abspath(self.path) in _HELD:
+          return None  # Held by this process already (e.g. a notebook).
+        return f"pid {pid} is this process: the pid was reused"
+      if not _pid_alive(pid):
         return f"pid {owner.get('pid')} is not running"
       return None
     try:
@@ -96,6 +104,7 @@ class WorkdirLock:
           pass
     else:
       raise WorkdirLockedError(f"could not take the lock {self.path}")
+    _HELD.add(os.path.abspath(self.path))
     if self.heartbeat_s:
       self._thread = threading.Thread(target=self._heartbeat, daemon=True)
       self._thread.start()
@@ -110,6 +119,7 @@ class WorkdirLock:
 
   def release(self):
     self._stop.set()
+    _HELD.discard(os.path.abspath(self.path))
     owner = self._read_owner()
     if owner and owner.get("pid") == self._owner["pid"] and (
         owner.get("host") == self._owner["host"]):

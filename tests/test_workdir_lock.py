@@ -64,3 +64,16 @@ def test_heartbeat_refreshes_lock(tmp_path):
     os.utime(lock_file, (old, old))
     time.sleep(0.3)
     assert time.time() - os.path.getmtime(lock_file) < 100
+
+
+def test_lock_naming_this_pid_from_a_dead_process_is_taken_over(tmp_path):
+  """pid reuse: a killed run's lock names the pid this new process got."""
+  import socket  # pylint: disable=g-import-not-at-top
+  lock_file = tmp_path / workdir_lock.LOCK_NAME
+  lock_file.write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": os.getpid(), "started": "x"}))
+  with workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0):
+    # Held by this process now: a second acquisition here is refused.
+    with pytest.raises(workdir_lock.WorkdirLockedError):
+      workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0).acquire()
+  assert not lock_file.exists()
