@@ -135,9 +135,7 @@ def sample_crop_window(image_shape, height, width, *, seed):
 def random_crop_and_resize(image, height, width, *, seed):
   """Random Inception-style crop (`sample_crop_window`), bicubic resize."""
   offset, size = sample_crop_window(tf.shape(image), height, width, seed=seed)
-  image = tf.slice(image, tf.concat([offset, [0]], 0),
-                   tf.concat([size, [-1]], 0))
-  return _resize_bicubic(image, height, width)
+  return _resize_bicubic(_slice(image, offset, size), height, width)
 
 
 def center_crop_window(image_height, image_width, height, width,
@@ -177,6 +175,12 @@ def center_crop_and_resize(image, height, width,
 # ----------------------------------------------------------------------------
 # Colour.
 # ----------------------------------------------------------------------------
+def random_flip_left_right(image, *, seed):
+  """Mirror with p = 0.5; a real branch (the tf.image op computes both)."""
+  return tf.cond(_uniform(seed) < 0.5, lambda: tf.reverse(image, [1]),
+                 lambda: image)
+
+
 def random_brightness(image, max_delta, *, seed, impl='simclrv2'):
   """simclrv2: x·U[max(1 − d, 0), 1 + d]; simclrv1: x + U[−d, d]."""
   _check_impl(impl)
@@ -215,7 +219,10 @@ def color_jitter(image, strength, *, seed, impl='simclrv2'):
     return tf.image.adjust_hue(x, _uniform(h_seed, -h, h)) if h else x
 
   ops = (brightness, contrast, saturation, hue)
-  # A uniformly random permutation of the four ops: argsort of 4 uniforms.
+
+  # A uniformly random order of the four ops: argsort of 4 uniforms. (One
+  # tf.switch_case over the 24 orders runs no faster and takes 6× as long to
+  # trace.)
   order = tf.argsort(tf.random.stateless_uniform([4], order_seed))
   for i in range(4):
     image = tf.switch_case(order[i],
@@ -310,20 +317,73 @@ def preprocess_for_train(image, height, width, *, seed,
     float32 [height, width, 3] in [0, 1].
   """
   _check_impl(impl)
-  crop_seed, flip_seed, color_seed, blur_seed = _split(seed, 4)
+  crop_seed, flip_seed, color_seed, blur_seed = _view_seeds(seed)
   image = _ensure_rgb(image)
   if crop:
-    image = random_crop_and_resize(image, height, width, seed=crop_seed)
-  else:
-    image = _resize_if_needed(image, height, width)
+    offset, size = sample_crop_window(tf.shape(image), height, width,
+                                      seed=crop_seed)
+    image = _slice(image, offset, size)
   if flip:
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = random_flip_left_right(image, seed=flip_seed)
+  image = (_resize_bicubic(image, height, width) if crop
+           else _resize_if_needed(image, height, width))
+  return _distort(image, height, width, seed=(color_seed, blur_seed),
+                  color_jitter_strength=color_jitter_strength, impl=impl,
+                  blur=blur, color_distort=color_distort)
+
+
+def preprocess_jpeg_for_train(encoded, height, width, *, seed,
+                              color_jitter_strength=1.0, flip=True,
+                              impl='simclrv2', blur=False,
+                              color_distort=True):
+  """`preprocess_for_train(decode_jpeg(encoded), ...)`, decoding only the crop.
+
+  The crop window is drawn from the JPEG header's shape with the same seed,
+  then only that window is decoded (`decode_and_crop_jpeg`: libjpeg skips the
+  rows above and below it and the iMCU columns beside it), so the view equals
+  the one from the fully decoded image up to the decoder's chroma upsampling
+  at the window's edge. `encoded` must be a JPEG (see `tf.io.is_jpeg`).
+  """
+  _check_impl(impl)
+  crop_seed, flip_seed, color_seed, blur_seed = _view_seeds(seed)
+  offset, size = sample_crop_window(tf.io.extract_jpeg_shape(encoded),
+                                    height, width, seed=crop_seed)
+  image = tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, size], 0),
+                                     channels=3)
+  if flip:
+    image = random_flip_left_right(image, seed=flip_seed)
+  image = _resize_bicubic(image, height, width)
+  return _distort(image, height, width, seed=(color_seed, blur_seed),
+                  color_jitter_strength=color_jitter_strength, impl=impl,
+                  blur=blur, color_distort=color_distort)
+
+
+def _view_seeds(seed):
+  """(crop, flip, colour, blur) sub-seeds of a view's seed."""
+  return _split(seed, 4)
+
+
+def _slice(image, offset, size):
+  return tf.slice(image, tf.concat([offset, [0]], 0),
+                  tf.concat([size, [-1]], 0))
+
+
+def _distort(image, height, width, *, seed, color_jitter_strength, impl, blur,
+             color_distort):
+  """Colour distortion and blur of a cropped, flipped, resized view.
+
+  The flip runs before the resize (`preprocess_for_train`): on the uint8
+  crop it moves fewer bytes, and a bicubic resize with half-pixel centres
+  commutes with a mirror, so the view is the same as flipping afterwards.
+  """
+  color_seed, blur_seed = seed
   if color_distort:
     image = random_color_distortion(image, color_jitter_strength,
                                     seed=color_seed, impl=impl)
   if blur:
     image = random_blur(image, height, seed=blur_seed)
-  image = tf.clip_by_value(image, 0.0, 1.0)
+  # Every op above already clips to [0, 1] (resize, each jitter op, blur) and
+  # grayscale's weights sum to < 1, so no final clip pass is needed.
   return tf.ensure_shape(image, [height, width, 3])
 
 
