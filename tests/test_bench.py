@@ -1,0 +1,88 @@
+"""simclr_jax.bench: every field on a tiny config, JSON, and sharded logits memory."""
+import json
+import os
+import runpy
+
+import jax
+import pytest
+
+from simclr_jax import bench
+from simclr_jax import sharding
+
+CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs',
+                      'cifar10_r18.py')
+
+TRAIN_FIELDS = (
+    'compile_s', 'step_s', 'step_cpu_s', 'images_per_s', 'views_per_s',
+    'images_per_s_per_device', 'views_per_s_per_device', 'xla_flops_per_step',
+    'analytic_flops_per_step', 'xla_vs_analytic', 'mfu',
+    'peak_tflops_per_device', 'memory_bytes_per_device', 'devices')
+
+
+def tiny_config():
+  config = runpy.run_path(CONFIG)['get_config']()
+  with config.unlocked():
+    config.train_batch_size = 16  # 2 images per fake device.
+    config.image_size = 8
+    config.proj_out_dim = 16
+    config.num_proj_layers = 2
+  return config
+
+
+def test_bench_prints_every_field_and_json(capsys):
+  results = bench.run(tiny_config(), what=('train', 'input'), steps=2,
+                      warmup=1, input_seconds=0.5)
+  bench.print_report(results)
+  out = capsys.readouterr().out
+  train = results['train']
+  for field in TRAIN_FIELDS:
+    assert f'train.{field} ' in out, field
+  assert 'input.images_per_s ' in out and 'input.input_vs_train_images' in out
+  assert train['devices'] == jax.device_count() == 8
+  assert train['step_s'] > 0 and train['images_per_s'] > 0
+  assert train['views_per_s'] == pytest.approx(2 * train['images_per_s'])
+  # CPU: no peak in the table, so MFU is unknown (printed as such).
+  assert train['mfu'] is None and 'train.mfu' in out and 'unknown' in out
+  assert train['memory_bytes_per_device'] > 0
+  # XLA skips kernel taps on padding, which at 8 px is most of the deep
+  # layers' taps; the analytic count includes them (see bench docstring).
+  assert 0.2 < train['xla_vs_analytic'] < 1.1
+  assert results['input']['images_per_s'] > 0
+  line = [l for l in out.splitlines() if l.startswith('BENCH_JSON ')]
+  assert len(line) == 1
+  parsed = json.loads(line[0][len('BENCH_JSON '):])
+  assert parsed['train']['step_s'] == pytest.approx(train['step_s'])
+
+
+def test_mfu():
+  assert bench.mfu(8e12, 2.0, None, 4) is None
+  assert bench.mfu(4e12, 2.0, 1e12, 4) == pytest.approx(0.5)
+
+
+def test_unknown_bench_name():
+  with pytest.raises(ValueError, match='unknown'):
+    bench.run(tiny_config(), what=('trian',))
+
+
+def test_sharded_logits_memory_is_one_eighth_at_batch_4096():
+  """Per-device memory of NT-Xent (+ grad) at N=4096: 8 devices vs 1.
+
+  Each device holds [n, 2N] logits instead of [N, 2N]. XLA's temporaries also
+  hold a few O(N·d) buffers (d = 16 here), hence the 15% tolerance.
+  """
+  config = tiny_config()
+  one = bench.contrastive_loss_memory(
+      config, sharding.create_mesh(jax.devices()[:1]), global_batch=4096,
+      dim=16)
+  eight = bench.contrastive_loss_memory(
+      config, sharding.create_mesh(), global_batch=4096, dim=16)
+  logits_bytes = 4096 * 2 * 4096 * 4  # One [N, 2N] float32 matrix.
+  assert one >= logits_bytes  # The unsharded loss materialises it.
+  assert eight / one == pytest.approx(1 / 8, rel=0.15), (one, eight)
+
+
+@pytest.mark.slow
+def test_baseline_runs_and_compares():
+  results = bench.run(tiny_config(), what=('baseline',), steps=2, warmup=1)
+  base = results['baseline']
+  assert base['step_s'] > 0 and base['ours_vs_baseline_throughput'] > 0
