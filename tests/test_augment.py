@@ -92,7 +92,7 @@ def test_crop_window_matches_pixels():
   src_h, src_w, out = 180, 220, 48
   image = tf.constant(coordinate_image(src_h, src_w))
   for s in seeds(5, offset=7):
-    crop_seed = augment._split(s, 4)[0]  # pylint: disable=protected-access
+    crop_seed = augment.view_seeds(s)[0]
     offset, size = augment.sample_crop_window(
         tf.constant([src_h, src_w, 3]), out, out, seed=crop_seed)
     top, left, h, w = read_window(augment.preprocess_for_train(

@@ -135,7 +135,7 @@ def sample_crop_window(image_shape, height, width, *, seed):
 def random_crop_and_resize(image, height, width, *, seed):
   """Random Inception-style crop (`sample_crop_window`), bicubic resize."""
   offset, size = sample_crop_window(tf.shape(image), height, width, seed=seed)
-  return _resize_bicubic(_slice(image, offset, size), height, width)
+  return _resize_bicubic(crop_window(image, offset, size), height, width)
 
 
 def center_crop_window(image_height, image_width, height, width,
@@ -167,9 +167,7 @@ def center_crop_and_resize(image, height, width,
   shape = tf.shape(image)
   offset, size = center_crop_window(shape[0], shape[1], height, width,
                                     crop_proportion)
-  image = tf.slice(image, tf.concat([offset, [0]], 0),
-                   tf.concat([size, [-1]], 0))
-  return _resize_bicubic(image, height, width)
+  return _resize_bicubic(crop_window(image, offset, size), height, width)
 
 
 # ----------------------------------------------------------------------------
@@ -317,66 +315,69 @@ def preprocess_for_train(image, height, width, *, seed,
     float32 [height, width, 3] in [0, 1].
   """
   _check_impl(impl)
-  crop_seed, flip_seed, color_seed, blur_seed = _view_seeds(seed)
+  crop_seed, finish_seed = view_seeds(seed)
   image = _ensure_rgb(image)
   if crop:
     offset, size = sample_crop_window(tf.shape(image), height, width,
                                       seed=crop_seed)
-    image = _slice(image, offset, size)
-  if flip:
-    image = random_flip_left_right(image, seed=flip_seed)
-  image = (_resize_bicubic(image, height, width) if crop
-           else _resize_if_needed(image, height, width))
-  return _distort(image, height, width, seed=(color_seed, blur_seed),
-                  color_jitter_strength=color_jitter_strength, impl=impl,
-                  blur=blur, color_distort=color_distort)
+    image = crop_window(image, offset, size)
+  return finish_view(image, height, width, seed=finish_seed,
+                     color_jitter_strength=color_jitter_strength, flip=flip,
+                     impl=impl, blur=blur, color_distort=color_distort,
+                     always_resize=crop)
 
 
-def preprocess_jpeg_for_train(encoded, height, width, *, seed,
-                              color_jitter_strength=1.0, flip=True,
-                              impl='simclrv2', blur=False,
-                              color_distort=True):
+def preprocess_jpeg_for_train(encoded, height, width, *, seed, **kwargs):
   """`preprocess_for_train(decode_jpeg(encoded), ...)`, decoding only the crop.
 
   The crop window is drawn from the JPEG header's shape with the same seed,
   then only that window is decoded (`decode_and_crop_jpeg`: libjpeg skips the
   rows above and below it and the iMCU columns beside it), so the view equals
   the one from the fully decoded image up to the decoder's chroma upsampling
-  at the window's edge. `encoded` must be a JPEG (see `tf.io.is_jpeg`).
+  at the window's edge. `encoded` must be a JPEG (see `tf.io.is_jpeg`);
+  kwargs are those of `finish_view`.
   """
-  _check_impl(impl)
-  crop_seed, flip_seed, color_seed, blur_seed = _view_seeds(seed)
-  offset, size = sample_crop_window(tf.io.extract_jpeg_shape(encoded),
-                                    height, width, seed=crop_seed)
-  image = tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, size], 0),
-                                     channels=3)
-  if flip:
-    image = random_flip_left_right(image, seed=flip_seed)
-  image = _resize_bicubic(image, height, width)
-  return _distort(image, height, width, seed=(color_seed, blur_seed),
-                  color_jitter_strength=color_jitter_strength, impl=impl,
-                  blur=blur, color_distort=color_distort)
+  crop_seed, finish_seed = view_seeds(seed)
+  image = decode_jpeg_window(encoded, height, width, seed=crop_seed)
+  return finish_view(image, height, width, seed=finish_seed, **kwargs)
 
 
-def _view_seeds(seed):
-  """(crop, flip, colour, blur) sub-seeds of a view's seed."""
-  return _split(seed, 4)
+def view_seeds(seed):
+  """(crop seed, finish seed) of a view's seed: the crop window is drawn
+  from the first, everything after the crop (`finish_view`) from the second."""
+  return _split(seed, 2)
 
 
-def _slice(image, offset, size):
+def crop_window(image, offset, size):
+  """image[y:y+h, x:x+w] for offset (y, x), size (h, w)."""
   return tf.slice(image, tf.concat([offset, [0]], 0),
                   tf.concat([size, [-1]], 0))
 
 
-def _distort(image, height, width, *, seed, color_jitter_strength, impl, blur,
-             color_distort):
-  """Colour distortion and blur of a cropped, flipped, resized view.
+def decode_jpeg_window(encoded, height, width, *, seed):
+  """The random crop of a JPEG (`sample_crop_window`), decoding only it."""
+  offset, size = sample_crop_window(tf.io.extract_jpeg_shape(encoded),
+                                    height, width, seed=seed)
+  return tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, size], 0),
+                                    channels=3)
 
-  The flip runs before the resize (`preprocess_for_train`): on the uint8
-  crop it moves fewer bytes, and a bicubic resize with half-pixel centres
-  commutes with a mirror, so the view is the same as flipping afterwards.
+
+def finish_view(image, height, width, *, seed, color_jitter_strength=1.0,
+                flip=True, impl='simclrv2', blur=False, color_distort=True,
+                always_resize=True):
+  """A training view from its crop: flip, resize, colour, blur (DESIGN §3).
+
+  The flip runs before the resize: on the uint8 crop it moves fewer bytes,
+  and a bicubic resize with half-pixel centres commutes with a mirror, so
+  the view is the same as flipping afterwards. `always_resize=False` keeps
+  an image that already has the output size bit-exact (no crop, CIFAR).
   """
-  color_seed, blur_seed = seed
+  _check_impl(impl)
+  flip_seed, color_seed, blur_seed = _split(seed, 3)
+  if flip:
+    image = random_flip_left_right(image, seed=flip_seed)
+  image = (_resize_bicubic(image, height, width) if always_resize
+           else _resize_if_needed(image, height, width))
   if color_distort:
     image = random_color_distortion(image, color_jitter_strength,
                                     seed=color_seed, impl=impl)

@@ -29,6 +29,7 @@ Batches are dicts of numpy arrays, ready for
 with n = global batch // process_count. Labels are the tfds labels (−1 for
 stl10's 'unlabelled' split).
 """
+import functools
 import math
 import os
 
@@ -157,7 +158,7 @@ def num_classes(config):
 # ----------------------------------------------------------------------------
 # tf.data building blocks.
 # ----------------------------------------------------------------------------
-def _options(deterministic):
+def tf_data_options(deterministic):
   """tf.data options for throughput on a host that feeds accelerators.
 
   `deterministic=True` makes parallel map/interleave emit elements in input
@@ -182,7 +183,7 @@ def _options(deterministic):
 def _raw_dataset(builder, split):
   """(encoded image bytes, label) records of `split`, in file order."""
   read_config = tfds.ReadConfig(
-      options=_options(deterministic=True), try_autocache=False)
+      options=tf_data_options(deterministic=True), try_autocache=False)
   ds = builder.as_dataset(
       split=split, shuffle_files=False, read_config=read_config,
       decoders={'image': tfds.decode.SkipDecoding()})
@@ -192,6 +193,13 @@ def _raw_dataset(builder, split):
 def decode_image(encoded):
   """JPEG/PNG/… bytes → uint8 [H, W, 3]; grayscale (MNIST) becomes 3 channels."""
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _graph_fn(fn):
+  """Marks a tf.data map function as plain graph code: autograph would
+  otherwise re-convert every nested augmentation function, which takes
+  seconds per pipeline (the code has no Python control flow on tensors)."""
+  return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _seed_tensor(seed):
@@ -204,26 +212,77 @@ def _fold_in(seed, *data):
   return seed
 
 
-def _train_preprocess_fn(config, pretrain):
-  size = int(config.image_size)
-  strength = float(_get(config, 'color_jitter_strength', 1.0))
-  impl = _get(config, 'impl', 'simclrv2')
+def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
+                impl='simclrv2', decode='once'):
+  """(encoded image, seed [2]) → two SimCLR views, float32 [2, S, S, 3].
+
+  `decode='once'` decodes each record once and crops both views from it.
+  `decode='crop'` decodes, for JPEG records, only each view's crop window
+  (`augment.decode_jpeg_window`, window drawn from the JPEG header); other
+  formats (PNG: CIFAR, MNIST) are still decoded once. Both give the same
+  views (up to JPEG chroma upsampling at the window edge); which is faster
+  depends on image and window sizes: on 256×256 JPEGs at 224 px, 'once'
+  (see throughput.py and the README's performance section).
+  """
+  if decode not in ('crop', 'once'):
+    raise ValueError(f"decode must be 'crop' or 'once', got {decode!r}.")
+  # Everything after the crop, traced once and called for both views (and
+  # both decode paths): tracing the colour ops 4× cost seconds per pipeline.
+  finish = tf.function(functools.partial(
+      augment.finish_view, height=image_size, width=image_size,
+      color_jitter_strength=color_jitter_strength, impl=impl, blur=use_blur),
+                       autograph=False)
+
+  def crops_of_pixels(encoded, crop_seeds):
+    image = decode_image(encoded)
+    windows = [augment.sample_crop_window(tf.shape(image), image_size,
+                                          image_size, seed=s)
+               for s in crop_seeds]
+    return tuple(augment.crop_window(image, *w) for w in windows)
+
+  def crops_of_jpeg(encoded, crop_seeds):
+    return tuple(augment.decode_jpeg_window(encoded, image_size, image_size,
+                                            seed=s) for s in crop_seeds)
+
+  def two_views(encoded, seed):
+    view_seeds = [augment.view_seeds(s) for s in
+                  tf.unstack(tf.random.experimental.stateless_split(seed, 2))]
+    crop_seeds = [s[0] for s in view_seeds]
+    if decode == 'once':
+      crops = crops_of_pixels(encoded, crop_seeds)
+    else:
+      crops = tf.cond(tf.io.is_jpeg(encoded),
+                      lambda: crops_of_jpeg(encoded, crop_seeds),
+                      lambda: crops_of_pixels(encoded, crop_seeds))
+    return tf.stack([finish(crop, seed=s[1])
+                     for crop, s in zip(crops, view_seeds)])
+
+  return two_views
+
+
+def augmentation_impl(config):
+  """config.augmentation_impl ('simclrv2' default, or 'simclrv1'), checked."""
+  impl = _get(config, 'augmentation_impl', 'simclrv2')
   augment._check_impl(impl)  # pylint: disable=protected-access
-  use_blur = bool(_get(config, 'use_blur', False))
+  return impl
 
-  def preprocess(image, seed):
-    if pretrain:
-      seeds = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-      return tf.stack([
-          augment.preprocess_for_train(
-              image, size, size, seed=view_seed,
-              color_jitter_strength=strength, impl=impl, blur=use_blur)
-          for view_seed in seeds])
+
+def _train_preprocess_fn(config, pretrain):
+  """(encoded, seed) → the training example's image(s) of config.train_mode."""
+  size = int(config.image_size)
+  if pretrain:
+    return two_view_fn(
+        size, color_jitter_strength=float(_get(config, 'color_jitter_strength',
+                                               1.0)),
+        use_blur=bool(_get(config, 'use_blur', False)),
+        impl=augmentation_impl(config))
+
+  def crop_and_flip(encoded, seed):
     # linear_eval / finetune / supervised: crop + flip only (reference).
-    return augment.preprocess_for_train(image, size, size, seed=seed,
-                                        color_distort=False, blur=False)
+    return augment.preprocess_for_train(decode_image(encoded), size, size,
+                                        seed=seed, color_distort=False)
 
-  return preprocess
+  return crop_and_flip
 
 
 # ----------------------------------------------------------------------------
@@ -282,9 +341,10 @@ def create_train_iterator(config, *, seed, start_step=0, process_index=None,
                                reshuffle_each_iteration=False)
     return shuffled.map(lambda i, ex: (epoch, i, ex[0], ex[1]))
 
+  @_graph_fn
   def decode_and_augment(epoch, index, encoded, label):
     view_seed = _fold_in(base_seed, 2, epoch, shard_offset + index)
-    image = preprocess(decode_image(encoded), view_seed)
+    image = preprocess(encoded, view_seed)
     return {'image': image, 'label': tf.cast(label, tf.int32)}
 
   # Element j of this process's stream is example j % shard_size of epoch
@@ -297,7 +357,7 @@ def create_train_iterator(config, *, seed, start_step=0, process_index=None,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
   ds = ds.prefetch(AUTOTUNE)
-  ds = ds.with_options(_options(deterministic=True))
+  ds = ds.with_options(tf_data_options(deterministic=True))
   return ds.as_numpy_iterator()
 
 
@@ -321,6 +381,7 @@ def create_eval_iterator(config, *, process_index=None, process_count=None):
   size = int(config.image_size)
   crop = size > 32  # The reference skips the centre crop for CIFAR-sized images.
 
+  @_graph_fn
   def decode_and_preprocess(encoded, label):
     image = augment.preprocess_for_eval(decode_image(encoded), size, size,
                                         crop=crop)
@@ -337,5 +398,5 @@ def create_eval_iterator(config, *, process_index=None, process_count=None):
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False)}).repeat(num_padding)
   ds = ds.concatenate(padding).batch(host_batch, drop_remainder=True)
-  ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic=True))
+  ds = ds.prefetch(AUTOTUNE).with_options(tf_data_options(deterministic=True))
   return ds.as_numpy_iterator()
