@@ -242,3 +242,11 @@ def test_batch_not_divisible_by_process_count_is_refused(indexed_dir):
   with pytest.raises(ValueError, match='train_batch_size=6'):
     pipeline.create_train_iterator(config, seed=0, process_index=0,
                                    process_count=4)
+
+
+def test_unprepared_dataset_names_the_prepare_command(tmp_path):
+  config = make_config(dataset='cifar10', data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r'tfds build cifar10 --data_dir='):
+    pipeline.num_examples(config, 'train')
+  with tfds.testing.mock_data(num_examples=3):  # Mocked: counts as present.
+    assert pipeline.num_examples(config, 'train') == 3

@@ -42,8 +42,12 @@ from simclr_jax.data import augment
 TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
 OFFLINE_DATASETS = ('mnist_offline',)  # Prepared on first use: no network.
 AUTOTUNE = tf.data.AUTOTUNE
-# tfds.testing.mock_data patches this method; see _check_prepared.
-_REAL_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
+# tfds.testing.mock_data patches this method; see _under_mock_data. Read from
+# the class __dict__: attribute access returns a fresh wrapper object each
+# time (tfds decorates it), so `DatasetBuilder.download_and_prepare is x`
+# is always False.
+_REAL_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.__dict__[
+    'download_and_prepare']
 
 
 # ----------------------------------------------------------------------------
@@ -79,7 +83,8 @@ def _data_dir(config):
 
 def _under_mock_data():
   """True inside tfds.testing.mock_data (it fakes every dataset as present)."""
-  return tfds.core.DatasetBuilder.download_and_prepare is not _REAL_DOWNLOAD_AND_PREPARE
+  current = tfds.core.DatasetBuilder.__dict__['download_and_prepare']
+  return current is not _REAL_DOWNLOAD_AND_PREPARE
 
 
 def get_builder(config):
