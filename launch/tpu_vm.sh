@@ -11,7 +11,8 @@
 #   required: TPU_NAME ZONE ACCELERATOR_TYPE PROJECT WORKDIR CONFIG
 #   optional: TPU_RUNTIME_VERSION (default: from ACCELERATOR_TYPE),
 #             DATA_DIR (tfds data dir, e.g. gs://bucket/tensorflow_datasets),
-#             SPOT=1 (spot capacity), PIP_EXTRA (extra pip args, ending in a space).
+#             SPOT=1 (spot capacity), PIP_EXTRA (extra install args, ending
+#             in a space), PYTHON_VERSION (workers' Python, default 3.11).
 # Usage:
 #   launch/tpu_vm.sh [--dry-run] [--keep] [--reuse] [--config.key=value ...]
 #     --dry-run  print the commands, run nothing
@@ -95,10 +96,14 @@ run() {
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$ZONE" --project="$PROJECT")
 
+# The workers' virtualenv; the ~ is meant for their shell, not this one.
+# shellcheck disable=SC2088
+venv="~/simclr_venv"
+
 # The training command, quoted for the workers' shell.
 # --multihost=yes: every worker joins one jax.distributed job (the TPU
 # metadata names the coordinator), which Orbax's multi-host saves rely on.
-train_cmd="cd ~/simclr_jax && python3 -m simclr_jax.main --multihost=yes"
+train_cmd="cd ~/simclr_jax && $venv/bin/python -m simclr_jax.main --multihost=yes"
 train_cmd+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
 if [[ -n "${DATA_DIR:-}" ]]; then
   train_cmd+=" --config.data_dir=$(printf '%q' "$DATA_DIR")"
@@ -107,9 +112,14 @@ for override in "${overrides[@]}"; do
   train_cmd+=" $(printf '%q' "$override")"
 done
 
-# Unpack fresh, then install the package and its pinned stack with jax[tpu].
-install_cmd="cd ~ && rm -rf simclr_jax && tar -xzf simclr_jax.tar.gz"
-install_cmd+=" && python3 -m pip install --user --quiet ${PIP_EXTRA:-}'./simclr_jax[tpu]'"
+# Unpack fresh, then install the package and its pinned stack with jax[tpu]
+# into a virtualenv. jax 0.10 needs Python >= 3.11 and the TPU VM images ship
+# Ubuntu 22.04's 3.10, so uv (from PyPI) provides the interpreter.
+install_cmd="cd ~ && rm -rf simclr_jax $venv && tar -xzf simclr_jax.tar.gz"
+install_cmd+=" && python3 -m pip install --user --quiet uv"
+install_cmd+=" && python3 -m uv venv --quiet --python ${PYTHON_VERSION:-3.11} $venv"
+install_cmd+=" && python3 -m uv pip install --quiet --python $venv/bin/python"
+install_cmd+=" ${PIP_EXTRA:-}'./simclr_jax[tpu]'"
 
 delete_tpu() {
   run "${gcloud_tpu[@]}" delete "$TPU_NAME" "${where[@]}" --quiet

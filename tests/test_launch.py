@@ -120,12 +120,20 @@ def test_tpu_vm_dry_run():
   assert archive[-1] == "HEAD" and archive[archive.index("-o") + 1] == scp[-5]
   for c in (scp, install, train):
     assert "--worker=all" in c
-  assert "pip install" in _flag(install, "--command")
-  assert "'./simclr_jax[tpu]'" in _flag(install, "--command")
+  # Python >= 3.11 for jax 0.10 (TPU images have 3.10): a uv virtualenv.
+  setup = shlex.split(_flag(install, "--command"))
+  at = setup.index("venv")
+  assert setup[at - 1:at + 5] == ["uv", "venv", "--quiet", "--python", "3.11",
+                                  "~/simclr_venv"]
+  assert "./simclr_jax[tpu]" in setup
+  last_uv = max(i for i, word in enumerate(setup) if word == "uv")
+  assert setup[last_uv:last_uv + 6] == ["uv", "pip", "install", "--quiet",
+                                        "--python", "~/simclr_venv/bin/python"]
   # The remote command, as the workers' shell will split it.
   remote = shlex.split(_flag(train, "--command"))
-  main = remote[remote.index("-m"):]
-  assert main == ["-m", "simclr_jax.main", "--multihost=yes",
+  main = remote[remote.index("-m") - 1:]
+  assert main == ["~/simclr_venv/bin/python", "-m", "simclr_jax.main",
+                  "--multihost=yes",
                   "--config=configs/r50_4096.py",
                   "--workdir=gs://bucket/runs/r50",
                   "--config.data_dir=gs://bucket/tensorflow_datasets",
