@@ -37,6 +37,7 @@ def get_config():
   config.proj_out_dim = 64
   config.lineareval_while_pretraining = True
   config.dtype = 'float32'
+  config.cache_dataset = True
   config.checkpoint_every_steps = 50
   config.keep_checkpoints = 2
   config.eval_every_steps = 0

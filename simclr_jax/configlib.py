@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.color_jitter_strength = 1.0
   c.use_blur = True
   c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
+  c.cache_dataset = False  # Keep the encoded records in memory (small sets).
   # Batches are global (all devices of all hosts).
   c.train_batch_size = 4096
   c.eval_batch_size = 256
@@ -86,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.num_profile_steps = 5  # 0 disables the CLU profiler.
   c.seed = 0
+  # True: a step with a non-finite loss or gradient leaves the state unchanged
+  # (and is counted); False: the run stops before checkpointing it.
+  c.skip_nonfinite_steps = False
   # Linear probe on frozen features after training (the offline demo); 0: off.
   c.probe_train_examples = 0
   # Evaluators (simclr_jax/evaluators.py); empty: none besides the top-1/5 eval.

@@ -1,0 +1,138 @@
+"""Every config in configs/ loads, validates and builds; bad configs fail clearly."""
+import functools
+import glob
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from simclr_jax import configlib
+from simclr_jax import models
+from simclr_jax import optim
+from simclr_jax import train
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, 'configs')
+CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
+# (train examples, classes) per dataset, so no dataset has to be present.
+DATASETS = {
+    'imagenet2012': (1_281_167, 1000),
+    'imagenet2012_subset/1pct': (12_811, 1000),
+    'imagenet2012_subset/10pct': (128_116, 1000),
+    'cifar10': (50_000, 10),
+    'mnist_offline': (4_000, 10),
+}
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(
+      'config_' + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_the_issue_configs_exist():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+  assert {'r50_4096', 'r50_2x_sk1', 'cifar10_r50', 'cifar10_r18',
+          'imagenet_linear_eval', 'imagenet_finetune_1pct',
+          'imagenet_finetune_10pct', 'r50_supervised', 'demo'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_loads_validates_and_builds(path):
+  config = load(path)
+  assert config.is_locked
+  with pytest.raises(AttributeError):
+    config.trian_steps = 5  # A typo'd key: the locked config refuses it.
+  with config.unlocked():
+    if config.train_mode in ('linear_eval', 'finetune'):
+      assert config.init_checkpoint == ''  # Given on the command line.
+      config.init_checkpoint = '/pretrain/workdir'
+  configlib.validate(config, device_count=8, process_count=1,
+                     check_dataset=False, check_paths=False)
+  num_examples, num_classes = DATASETS[config.dataset]
+  model = models.create_model(config, num_classes)
+  tx = train.create_optimizer(
+      config, optim.create_learning_rate_schedule(config, num_examples))
+  # Shapes only: no parameter is allocated, even for ResNet-50 2x SK.
+  state = jax.eval_shape(
+      functools.partial(train.create_train_state, config, model, tx),
+      jax.random.PRNGKey(0))
+  assert 'resnet' in state.params
+  assert ('supervised_head' in state.params) == model.has_supervised_head()
+  assert jax.tree.leaves(state.opt_state)
+
+
+def test_r50_4096_is_the_paper_recipe():
+  config = load(os.path.join(CONFIG_DIR, 'r50_4096.py'))
+  assert (config.resnet_depth, config.width_multiplier) == (50, 1)
+  assert (config.train_batch_size, config.train_epochs) == (4096, 100)
+  assert (config.optimizer, config.learning_rate,
+          config.learning_rate_scaling) == ('lars', 0.3, 'linear')
+  assert (config.temperature, config.weight_decay) == (0.1, 1e-6)
+  assert config.image_size == 224 and config.use_blur
+  derived = configlib.steps_from_config(config, 1_281_167)
+  assert derived['scaled_learning_rate'] == pytest.approx(4.8)
+  assert derived['warmup_steps'] == 3127
+
+
+def _base():
+  config = load(os.path.join(CONFIG_DIR, 'demo.py'))
+  return config
+
+
+BAD = [
+    ('train_mode', 'pretraining', 'expected one of'),
+    ('optimizer', 'sgd', 'expected one of'),
+    ('augmentation_impl', 'simclrv3', 'expected one of'),
+    ('temperature', 0.0, 'must be > 0'),
+    ('temperature', -0.5, 'must be > 0'),
+    ('train_batch_size', 100, 'divisible by the device count 8'),
+    ('eval_batch_size', 0, 'must be > 0'),
+    ('image_size', 4, 'ResNet stem'),
+    ('resnet_depth', 20, 'expected one of'),
+    ('fine_tune_after_block', 2, "train_mode='pretrain'"),
+    ('ft_proj_selector', 5, 'num_proj_layers'),
+    ('learning_rate', 0.0, 'must be > 0'),
+    ('momentum', 1.0, 'must be in [0, 1)'),
+    ('checkpoint_every_steps', 0, 'must be > 0'),
+]
+
+
+@pytest.mark.parametrize('key,value,expected', BAD,
+                         ids=[f'{k}={v}' for k, v, _ in BAD])
+def test_bad_config_is_one_line_naming_key_and_value(key, value, expected):
+  config = _base()
+  with config.unlocked():
+    config[key] = value
+  with pytest.raises(configlib.ConfigError) as error:
+    configlib.validate(config, device_count=8, check_dataset=False)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(f'config.{key}={value!r} is invalid')
+  assert expected in message
+
+
+@pytest.mark.parametrize('mode', ['linear_eval', 'finetune'])
+def test_linear_eval_and_finetune_need_init_checkpoint(mode, tmp_path):
+  config = _base()
+  with config.unlocked():
+    config.train_mode = mode
+  with pytest.raises(configlib.ConfigError, match='init_checkpoint'):
+    configlib.validate(config, device_count=8, check_dataset=False)
+  with config.unlocked():
+    config.init_checkpoint = str(tmp_path / 'missing')
+  with pytest.raises(configlib.ConfigError, match='no such path'):
+    configlib.validate(config, device_count=8, check_dataset=False)
+  with config.unlocked():
+    config.init_checkpoint = str(tmp_path)
+  configlib.validate(config, device_count=8, check_dataset=False)
+
+
+def test_unknown_dataset_is_rejected():
+  config = _base()
+  with config.unlocked():
+    config.dataset = 'imagenet2013'
+  with pytest.raises(configlib.ConfigError, match="config.dataset='imagenet2013'"):
+    configlib.validate(config, device_count=8)
