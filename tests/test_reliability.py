@@ -1,0 +1,292 @@
+"""Crashes and NaNs cost at most about one checkpoint interval, and never the run.
+
+* kill -9 at random moments (during a step, while an asynchronous checkpoint
+  is being written, right after a step) of `python -m simclr_jax.main` on a
+  tiny version of the demo config; every restart resumes from the newest
+  complete checkpoint, and the final state after the full step count is
+  bitwise equal to that of a run that was never interrupted.
+* A non-finite loss stops the run naming the step and metric, before any
+  checkpoint of non-finite parameters is written; with
+  `skip_nonfinite_steps` such steps are skipped and counted instead.
+"""
+import glob
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from simclr_jax import checkpoint
+from simclr_jax import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, 'configs', 'demo.py')
+INTERVAL = 2  # checkpoint_every_steps of the runs below.
+
+# The demo, shrunk so that a run is start-up plus seconds of training.
+TINY_OVERRIDES = {
+    'train_batch_size': 8, 'eval_batch_size': 8, 'image_size': 8,
+    'checkpoint_every_steps': INTERVAL, 'keep_checkpoints': 2,
+    'log_every_steps': 1, 'probe_train_examples': 0,
+    'lineareval_while_pretraining': False, 'cache_dataset': False,
+}
+
+
+def _child_env(cache_dir):
+  env = dict(os.environ)
+  env.update({
+      # One CPU device: the fake-device flag of conftest would only add
+      # overhead here (sharding has its own tests).
+      'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
+      # Restarts load the compiled step instead of compiling it again.
+      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+  })
+  return env
+
+
+def _start(workdir, total_steps, cache_dir, log_path):
+  args = [sys.executable, '-m', 'simclr_jax.main', f'--config={DEMO}',
+          f'--workdir={workdir}', f'--config.train_steps={total_steps}']
+  args += [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
+  log = open(log_path, 'w')
+  proc = subprocess.Popen(args, cwd=REPO, env=_child_env(cache_dir),
+                          stdout=log, stderr=subprocess.STDOUT)
+  proc.log_file = log
+  return proc
+
+
+STEP_LINE = re.compile(r'\] \[(\d+)\] .*\bloss=')
+RESUMED = re.compile(r'Resumed from (\S+) at step (\d+)\.')
+
+
+def _read(log_path):
+  with open(log_path, errors='replace') as f:
+    return f.read()
+
+
+def _last_step(text):
+  steps = [int(m.group(1)) for m in STEP_LINE.finditer(text)]
+  return max(steps) if steps else None
+
+
+def _resumed_step(text):
+  match = RESUMED.search(text)
+  return int(match.group(2)) if match else 0
+
+
+def _in_flight(workdir, step='*'):
+  """Half-written step directories (of `step`, or of any step)."""
+  return glob.glob(os.path.join(workdir, checkpoint.CHECKPOINT_DIR,
+                                f'{step}.orbax-checkpoint-tmp*'))
+
+
+def _kill_when(proc, log_path, workdir, mode, target, rng, timeout=900):
+  """Waits for the moment `mode` at or after step `target`, then kill -9.
+
+  Returns the last step the child logged as done, or None if it exited
+  on its own first.
+  """
+  tmp_before = set(_in_flight(workdir))
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      return None
+    done = _last_step(_read(log_path))
+    if done is not None and done >= target:
+      if mode == 'between_steps':
+        break
+      if mode == 'during_step':
+        time.sleep(rng.uniform(0.0, 1.0))  # Within the next step or so.
+        break
+      if mode == 'async_write' and set(_in_flight(workdir)) - tmp_before:
+        break
+    time.sleep(0.01)
+  else:
+    raise AssertionError(f'child did not reach {mode} at step {target}')
+  proc.kill()
+  proc.wait()  # Reaped: its pid must not look alive to the workdir lock.
+  proc.log_file.close()
+  return _last_step(_read(log_path)) or 0
+
+
+def _final_state(workdir, step):
+  item = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step), 'state')
+  ckptr = ocp.PyTreeCheckpointer()
+  metadata = ckptr.metadata(item).item_metadata.tree
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  return ckptr.restore(item,
+                       args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _assert_bitwise_equal(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert x.tobytes() == y.tobytes(), f'{jax.tree_util.keystr(path)} differs'
+
+
+def _kill_and_resume(tmp_path, *, total_steps, modes, seed):
+  """Runs a reference and a killed-and-restarted run; checks them."""
+  rng = random.Random(seed)
+  cache = tmp_path / 'jax_cache'
+  ref_dir, dir_ = str(tmp_path / 'reference'), str(tmp_path / 'killed')
+  # The uninterrupted reference runs beside the killed runs (2 cores).
+  reference = _start(ref_dir, total_steps, cache, tmp_path / 'reference.log')
+
+  history = []
+  for attempt, mode in enumerate(modes):
+    log_path = tmp_path / f'run{attempt}.log'
+    proc = _start(dir_, total_steps, cache, log_path)
+    # The previous kill's newest complete checkpoint is where this one starts.
+    expected_resume = checkpoint.latest_step(dir_) or 0
+    start = history[-1]['resume_to'] if history else 0
+    assert start == expected_resume
+    target = min(start + rng.randint(1, INTERVAL + 1), total_steps - 1)
+    done = _kill_when(proc, log_path, dir_, mode, target, rng)
+    assert done is not None, f'run {attempt} finished before its kill'
+    text = _read(log_path)
+    assert _resumed_step(text) == start, (attempt, start, text[-2000:])
+    resume_to = checkpoint.latest_step(dir_) or 0
+    # Was the save of the last checkpoint step before the kill unfinished?
+    boundary = done - done % INTERVAL
+    in_flight = boundary > resume_to and bool(_in_flight(dir_, boundary))
+    lost = done - resume_to
+    history.append(dict(mode=mode, start=start, done=done,
+                        resume_to=resume_to, lost=lost, in_flight=in_flight))
+    # At most one interval, plus the steps that ran while the newest save
+    # was still being written (saves are asynchronous).
+    assert lost <= (2 * INTERVAL - 1 if in_flight else INTERVAL), history
+
+  last_log = tmp_path / 'final.log'
+  final = _start(dir_, total_steps, cache, last_log)
+  assert final.wait(timeout=900) == 0, _read(last_log)[-3000:]
+  assert _resumed_step(_read(last_log)) == history[-1]['resume_to']
+  assert reference.wait(timeout=900) == 0, _read(
+      tmp_path / 'reference.log')[-3000:]
+  for proc in (final, reference):
+    proc.log_file.close()
+  print('kill history:', history)
+
+  _assert_bitwise_equal(_final_state(dir_, total_steps),
+                        _final_state(ref_dir, total_steps))
+  # A killed run leaves no lock behind that blocks the next one; the final
+  # run released its own.
+  assert not os.path.exists(os.path.join(dir_, 'simclr_jax.lock'))
+  return history
+
+
+def test_kill_9_and_resume_is_exact(tmp_path):
+  """Light variant for the default run: one kill, while a checkpoint is being
+  written (~3 process starts, ~75 CPU-seconds; the 10-kill run is slow)."""
+  history = _kill_and_resume(tmp_path, total_steps=6, modes=['async_write'],
+                             seed=0)
+  assert len(history) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_ten_times_and_resume_is_exact(tmp_path):
+  modes = ['during_step', 'async_write', 'between_steps'] * 3 + ['async_write']
+  history = _kill_and_resume(tmp_path, total_steps=14, modes=modes,
+                             seed=1234)
+  assert len(history) == 10
+
+
+# ----------------------------------------------------------------------------
+# Non-finite loss: stop before saving, or skip and count.
+# ----------------------------------------------------------------------------
+NAN_STEP = 3
+
+
+def _tiny_config(**overrides):
+  config = main.load_config_file(DEMO)
+  with config.unlocked():
+    config.update(TINY_OVERRIDES)
+    config.update(train_steps=5, log_every_steps=10)
+    config.update(overrides)
+  return config
+
+
+def _synthetic_batches(config, *, seed, start_step=0, **unused):
+  """Random two-view batches, a function of the step; NaN images at NAN_STEP."""
+  del unused
+  size, n = config.image_size, config.train_batch_size
+  step = start_step
+  while True:
+    step += 1
+    rng = np.random.default_rng([seed, step])
+    image = rng.uniform(size=(n, 2, size, size, 3)).astype(np.float32)
+    if step == NAN_STEP:
+      image[:] = np.nan
+    yield {'image': image, 'label': rng.integers(0, 10, n).astype(np.int32)}
+
+
+class TinyModel(nn.Module):
+  """SimCLRModel's interface at a thousandth of its compile time."""
+
+  @nn.compact
+  def __call__(self, images, train=True):
+    x = images.reshape((images.shape[0], -1))
+    h = nn.BatchNorm(use_running_average=not train, name='resnet_bn')(
+        nn.Dense(16, name='resnet')(x))
+    return h, nn.Dense(8, name='projection_head')(h), None
+
+  def has_supervised_head(self):
+    return False
+
+
+@pytest.fixture
+def poisoned_input(monkeypatch):
+  """The loop and checkpoints are real; model and data are tiny stand-ins."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, 'create_train_iterator', _synthetic_batches)
+  monkeypatch.setattr(models, 'create_model', lambda *a, **k: TinyModel())
+
+
+def _all_finite(tree):
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_nonfinite_loss_stops_before_it_is_saved(tmp_path, poisoned_input):
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  del poisoned_input
+  workdir = str(tmp_path)
+  # Logs every 10 steps: the check before the step-4 checkpoint catches it.
+  with pytest.raises(FloatingPointError,
+                     match=rf'non-finite loss \(nan\) at step {NAN_STEP};'):
+    train.train_and_evaluate(_tiny_config(), workdir)
+  assert checkpoint.checkpoint_steps(workdir) == (2,)
+  assert not _in_flight(workdir)
+  assert _all_finite(_final_state(workdir, 2))
+
+
+def test_skip_nonfinite_steps_skips_and_counts(tmp_path, poisoned_input):
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  del poisoned_input
+  workdir = str(tmp_path)
+  state = train.train_and_evaluate(
+      _tiny_config(skip_nonfinite_steps=True, log_every_steps=1), workdir)
+  assert int(state.step) == 5
+  assert _all_finite(_final_state(workdir, 5))
+  counts = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'skipped_nonfinite_steps':
+          counts[event.step] = float(tf.make_ndarray(value.tensor))
+  assert counts == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
