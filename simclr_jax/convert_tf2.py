@@ -84,7 +84,7 @@ def resolve_tf_checkpoint(path: str) -> str:
 
 
 def read_tf_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """{object path: value} of the model's variables, paths relative to its root."""
+  """{object path: value} of the model's variables, relative to its root."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   reader = tf.train.load_checkpoint(resolve_tf_checkpoint(path))
   keys = [k[:-len(VALUE_SUFFIX)] for k in reader.get_variable_to_shape_map()
@@ -210,7 +210,8 @@ def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
   # --- Block groups -------------------------------------------------------
   group_keys = take('resnet_model/block_groups')
   groups = {int(m.group(1)) for m in (
-      re.match(r'resnet_model/block_groups/(\d+)/', k) for k in group_keys) if m}
+      re.match(r'resnet_model/block_groups/(\d+)/', k) for k in group_keys)
+            if m}
   if groups != set(range(4)):
     raise ConversionError(f'block groups {sorted(groups)}; expected 0..3.')
   blocks_per_group = []
@@ -390,12 +391,6 @@ def config_overrides(model_kwargs: Mapping[str, Any], out: str) -> str:
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
-FLAGS = flags.FLAGS
-flags.DEFINE_string('tf_checkpoint', None, 'Reference TF2 checkpoint: a '
-                    'SavedModel directory, checkpoint prefix or directory.')
-flags.DEFINE_string('out', None, 'Output directory (Orbax; overwritten).')
-
-
 def run(tf_checkpoint: str, out: str) -> str:
   """Converts and saves; returns the summary that the command line prints."""
   flax_vars, model_kwargs = convert(read_tf_checkpoint(tf_checkpoint))
@@ -413,13 +408,19 @@ def run(tf_checkpoint: str, out: str) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.tf_checkpoint or not FLAGS.out:
+  args = flags.FLAGS
+  if not args.tf_checkpoint or not args.out:
     raise app.UsageError('--tf_checkpoint and --out are required.')
   try:
-    print(run(FLAGS.tf_checkpoint, FLAGS.out))
+    print(run(args.tf_checkpoint, args.out))
   except ConversionError as e:
     raise SystemExit(f'convert_tf2: error: {e}') from None
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: importing the converter (tests, notebooks)
+  # must not add flags to a program that has its own.
+  flags.DEFINE_string('tf_checkpoint', None, 'Reference TF2 checkpoint: a '
+                      'SavedModel directory, checkpoint prefix or directory.')
+  flags.DEFINE_string('out', None, 'Output directory (Orbax; overwritten).')
   app.run(main)
