@@ -250,3 +250,14 @@ def test_unprepared_dataset_names_the_prepare_command(tmp_path):
     pipeline.num_examples(config, 'train')
   with tfds.testing.mock_data(num_examples=3):  # Mocked: counts as present.
     assert pipeline.num_examples(config, 'train') == 3
+
+
+def test_throughput_benchmark_smoke():
+  from simclr_jax.data import throughput  # pylint: disable=g-import-not-at-top
+  for reference in (False, True):
+    r = throughput.measure_input_throughput(
+        32, num_images=4, batch_size=4, seconds=0.3, warmup_batches=1,
+        reference=reference)
+    assert r['views_per_s'] > 0 and r['views_per_cpu_s'] > 0
+    assert r['image_size'] == 32 and r['cores'] >= 1
+    assert 'views/s' in throughput.format_result(r)
