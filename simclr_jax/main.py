@@ -251,20 +251,6 @@ def check_dataset(config) -> int:
   """
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
-    builder = pipeline.get_builder(config)
-    # Checked here too: pipeline skips it when it believes it runs under
-    # tfds.testing.mock_data, and the entry point never does.
-    if not builder.is_prepared():
-      name = config.dataset
-      if name in pipeline.OFFLINE_DATASETS:
-        builder.download_and_prepare()  # Seconds, from an installed package.
-      else:
-        where = config.data_dir or '~/tensorflow_datasets'
-        manual = (f' (ImageNet needs its tar files in {where}/downloads/manual '
-                  'first)') if name.startswith('imagenet2012') else ''
-        raise BadInput(
-            f'dataset {name!r} is not prepared in data_dir={where}; prepare '
-            f'it with: tfds build {name} --data_dir={where}{manual}')
     pipeline.num_examples(config, config.train_split)
     if config.get('eval_split'):
       pipeline.num_examples(config, config.eval_split)

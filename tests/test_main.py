@@ -193,7 +193,7 @@ def test_unprepared_dataset_prints_the_tfds_command(workdir, tmp_path):
   before = _snapshot(workdir)
   result = _run_main('--config=' + DEMO, '--config.dataset=cifar10',
                      f'--config.data_dir={data_dir}', f'--workdir={workdir}')
-  _assert_one_error_line(result, "dataset 'cifar10' is not prepared",
+  _assert_one_error_line(result, "'cifar10' is not prepared",
                          f'tfds build cifar10 --data_dir={data_dir}')
   assert _snapshot(workdir) == before
   assert not (workdir / workdir_lock.LOCK_NAME).exists()
