@@ -290,3 +290,24 @@ def test_skip_nonfinite_steps_skips_and_counts(tmp_path, poisoned_input):
         if value.tag == 'skipped_nonfinite_steps':
           counts[event.step] = float(tf.make_ndarray(value.tensor))
   assert counts == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+
+
+@pytest.mark.slow
+def test_main_exits_3_on_nonfinite_loss(tmp_path):
+  """The entry point: one line naming the step and metric, exit code 3, and
+  no checkpoint of the blown-up parameters (lr 1e30: inf after step 1)."""
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, '-m', 'simclr_jax.main', f'--config={DEMO}',
+          f'--workdir={workdir}', '--config.train_steps=6',
+          '--config.learning_rate=1e30', '--config.warmup_epochs=0']
+  args += [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
+  result = subprocess.run(args, cwd=REPO, env=_child_env(tmp_path / 'cache'),
+                          capture_output=True, text=True, timeout=900)
+  errors = [l for l in result.stderr.splitlines()
+            if l.startswith('simclr_jax: error: ')]
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert len(errors) == 1 and re.search(
+      r'non-finite (loss|grad_norm) \(\S+\) at step \d+;', errors[0]), errors
+  for step in checkpoint.checkpoint_steps(workdir):
+    assert _all_finite(_final_state(workdir, step)), step
+  assert not os.path.exists(os.path.join(workdir, 'simclr_jax.lock'))
