@@ -296,7 +296,7 @@ def test_jpeg_window_decode_gives_the_same_view():
 @pytest.mark.parametrize('factor', [0.2, 1.0, 1.8])
 def test_compiled_hsv_ops_match_tf_image(factor):
   """The XLA-compiled saturation / hue equal TF's own kernels."""
-  x = tf.constant(colour_image(24, seed=6))
+  x = tf.constant(colour_image(24, seed=6))  # Called directly: any size.
   np.testing.assert_allclose(
       augment._adjust_saturation_xla(x, factor).numpy(),  # pylint: disable=protected-access
       tf.image.adjust_saturation(x, factor).numpy(), atol=1e-5)

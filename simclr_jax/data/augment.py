@@ -195,7 +195,9 @@ def _xla(fn):
 # AdjustHue kernels take ~0.6 ms each on a 224² image (single-threaded, as
 # tf.data runs them), the compiled ones ~0.25 ms — the largest single saving
 # of the pipeline (throughput.py). Same HSV arithmetic, to ~1e-6; one compile
-# (~0.15 s) per image shape, and the pipeline has one shape.
+# (~0.15 s) per image shape, and the pipeline has one shape. Used from
+# _XLA_MIN_PIXELS up (at 32 px the launch costs more than it saves).
+_XLA_MIN_PIXELS = 96 * 96
 @_xla
 def _adjust_saturation_xla(image, factor):
   return tf.image.adjust_saturation(image, factor)
@@ -228,11 +230,17 @@ def color_jitter(image, strength, *, seed, impl='simclrv2'):
   def contrast(x):
     return tf.image.adjust_contrast(x, _uniform(c_seed, 1 - c, 1 + c)) if c else x
 
+  # Compiled HSV ops pay a fixed launch cost that only large images recoup.
+  large = image.shape[:2].is_fully_defined() and (
+      image.shape[0] * image.shape[1] >= _XLA_MIN_PIXELS)
+  adjust_saturation = _adjust_saturation_xla if large else tf.image.adjust_saturation
+  adjust_hue = _adjust_hue_xla if large else tf.image.adjust_hue
+
   def saturation(x):
-    return _adjust_saturation_xla(x, _uniform(s_seed, 1 - s, 1 + s)) if s else x
+    return adjust_saturation(x, _uniform(s_seed, 1 - s, 1 + s)) if s else x
 
   def hue(x):
-    return _adjust_hue_xla(x, _uniform(h_seed, -h, h)) if h else x
+    return adjust_hue(x, _uniform(h_seed, -h, h)) if h else x
 
   ops = (brightness, contrast, saturation, hue)
 

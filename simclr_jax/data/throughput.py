@@ -32,11 +32,21 @@ from simclr_jax.data import pipeline
 SOURCE_SIZE = 256
 
 
-def random_jpegs(num_images, size=SOURCE_SIZE, *, seed=0, quality=90):
-  """`num_images` JPEG-encoded random [size, size, 3] images (bytes)."""
+def random_jpegs(num_images, size=SOURCE_SIZE, *, seed=0, quality=90,
+                 content='smooth'):
+  """`num_images` JPEG-encoded random [size, size, 3] images (bytes).
+
+  content: 'smooth' (a random low-frequency field plus pixel noise: about
+  the JPEG size of a photograph) or 'noise' (i.i.d. uniform pixels: 2-3×
+  larger files, decoding-bound).
+  """
   rng = np.random.default_rng(seed)
   images = []
   for _ in range(num_images):
+    if content == 'noise':
+      image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+      images.append(tf.io.encode_jpeg(image, quality=quality).numpy())
+      continue
     coarse = rng.uniform(0, 255, (1, 8, 8, 3)).astype(np.float32)
     smooth = tf.image.resize(coarse, [size, size], method='bicubic')[0].numpy()
     image = smooth + rng.normal(0.0, 12.0, smooth.shape)
@@ -103,12 +113,15 @@ def _reference_two_views(encoded, size):
 def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
                              seconds=10.0, warmup_batches=4, blur=None,
                              reference=False, color_jitter_strength=1.0,
-                             decode='once', repeats=1, seed=0):
+                             decode='once', repeats=1, seed=0,
+                             source_size=SOURCE_SIZE, content='smooth'):
   """Two-view views/second of the training preprocessing at `image_size`.
 
   Args:
     image_size: output side in pixels (224 for ImageNet, 32 for CIFAR).
     num_images: distinct JPEGs kept in memory (cycled).
+    source_size: side of the square source JPEGs (256; 32 mimics CIFAR).
+    content: 'smooth' or 'noise' source images (see `random_jpegs`).
     batch_size: images per batch (each gives 2 views).
     seconds: timed duration of one repeat, after `warmup_batches`.
     blur: the gaussian blur of the pipeline; default on above 32 px, as the
@@ -125,7 +138,7 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
   """
   if blur is None:
     blur = image_size > 32
-  jpegs = random_jpegs(num_images, seed=seed)
+  jpegs = random_jpegs(num_images, source_size, seed=seed, content=content)
   if reference:
     preprocess = lambda encoded, _: _reference_two_views(encoded, image_size)
   else:
@@ -172,7 +185,7 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
       'decode': 'once' if reference else decode,
       'batch_size': batch_size,
       'num_images': num_images,
-      'source': f'in-memory JPEG {SOURCE_SIZE}x{SOURCE_SIZE}',
+      'source': f'in-memory {content} JPEG {source_size}x{source_size}',
       'seconds_per_repeat': seconds,
   }
 
@@ -194,6 +207,8 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--num_images', type=int, default=512)
+  parser.add_argument('--source_size', type=int, default=SOURCE_SIZE)
+  parser.add_argument('--content', default='smooth', choices=('smooth', 'noise'))
   parser.add_argument('--blur', dest='blur', action='store_true', default=None)
   parser.add_argument('--no_blur', dest='blur', action='store_false')
   parser.add_argument('--reference', action='store_true',
@@ -201,7 +216,8 @@ def main(argv=None):
   parser.add_argument('--decode', default='once', choices=('once', 'crop'))
   args = parser.parse_args(argv)
   kwargs = dict(num_images=args.num_images, batch_size=args.batch_size,
-                seconds=args.seconds, repeats=args.repeats)
+                seconds=args.seconds, repeats=args.repeats,
+                source_size=args.source_size, content=args.content)
   ours = measure_input_throughput(args.image_size, blur=args.blur,
                                   decode=args.decode, **kwargs)
   print(format_result(ours), flush=True)
