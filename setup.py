@@ -21,7 +21,7 @@ setuptools.setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["simclr_jax", "simclr_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=read_requirements(),
     extras_require={
         "test": [
