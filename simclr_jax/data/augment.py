@@ -187,27 +187,6 @@ def random_brightness(image, max_delta, *, seed, impl='simclrv2'):
   return image + _uniform(seed, -max_delta, max_delta)
 
 
-def _xla(fn):
-  return tf.function(fn, jit_compile=True, autograph=False)
-
-
-# The two HSV ops, XLA-compiled on the host CPU: TF's own AdjustSaturation and
-# AdjustHue kernels take ~0.6 ms each on a 224² image (single-threaded, as
-# tf.data runs them), the compiled ones ~0.25 ms — the largest single saving
-# of the pipeline (throughput.py). Same HSV arithmetic, to ~1e-6; one compile
-# (~0.15 s) per image shape, and the pipeline has one shape. Used from
-# _XLA_MIN_PIXELS up (at 32 px the launch costs more than it saves).
-_XLA_MIN_PIXELS = 96 * 96
-@_xla
-def _adjust_saturation_xla(image, factor):
-  return tf.image.adjust_saturation(image, factor)
-
-
-@_xla
-def _adjust_hue_xla(image, delta):
-  return tf.image.adjust_hue(image, delta)
-
-
 def to_grayscale(image):
   """ITU-R 601 luma (tf.image.rgb_to_grayscale), kept as 3 equal channels."""
   return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
@@ -230,17 +209,14 @@ def color_jitter(image, strength, *, seed, impl='simclrv2'):
   def contrast(x):
     return tf.image.adjust_contrast(x, _uniform(c_seed, 1 - c, 1 + c)) if c else x
 
-  # Compiled HSV ops pay a fixed launch cost that only large images recoup.
-  large = image.shape[:2].is_fully_defined() and (
-      image.shape[0] * image.shape[1] >= _XLA_MIN_PIXELS)
-  adjust_saturation = _adjust_saturation_xla if large else tf.image.adjust_saturation
-  adjust_hue = _adjust_hue_xla if large else tf.image.adjust_hue
-
+  # TF's own HSV kernels. (XLA-compiled ones are 2× faster in isolation but
+  # cost more CPU inside tf.data, measured with throughput.py; not used.)
   def saturation(x):
-    return adjust_saturation(x, _uniform(s_seed, 1 - s, 1 + s)) if s else x
+    return (tf.image.adjust_saturation(x, _uniform(s_seed, 1 - s, 1 + s))
+            if s else x)
 
   def hue(x):
-    return adjust_hue(x, _uniform(h_seed, -h, h)) if h else x
+    return tf.image.adjust_hue(x, _uniform(h_seed, -h, h)) if h else x
 
   ops = (brightness, contrast, saturation, hue)
 
