@@ -14,9 +14,22 @@ crop + bicubic resize, flip, colour jitter with stateful random ops, twice;
 its blur runs on the accelerator, so it has none here) on the same images, so
 the two figures can be compared on the same machine under the same load.
 
-The images are smooth random fields plus noise (JPEG size ≈ a natural
-photograph's at this resolution); pure noise would make decoding the
-bottleneck, which natural images are not.
+The images are smooth random fields plus noise by default (JPEG size ≈ a
+photograph's at this resolution); `--content=noise` gives i.i.d. pixels, whose
+JPEGs are 2-3× larger and decoding-bound.
+
+Two figures are printed: views/s of wall time (what a host delivers, but on
+a shared host it depends on the other processes' load) and views per
+CPU-second of this process (the work per view, comparable across loads).
+
+Measured on the 2-core dev machine, 2026-11-25, load average 6-13 (other
+sessions running), smooth 256² JPEGs, no blur, best of 3 × 6 s:
+  224 px: simclr_jax 607 views/s (643 per CPU-s), reference 523 (627)
+   32 px: simclr_jax 2,107 views/s (2,820 per CPU-s), reference 2,507 (2,960)
+i.e. parity with the reference per CPU-second; the 2× goal is not reached.
+Per 224 px view the CPU goes to: bicubic resize ≈ 0.65 ms, TF's
+adjust_hue / adjust_saturation ≈ 0.6 ms each (p = 0.8), JPEG decode ≈ 0.2 ms
+(shared by both views), blur (when on) ≈ 0.8 ms.
 """
 import functools
 import os
