@@ -17,6 +17,16 @@ was killed mid-save) stays an `<step>.orbax-checkpoint-tmp-*` directory that
 resuming ignores; a finished step that no longer reads (truncated or deleted
 array files) is skipped for the previous one and renamed `<step>.corrupt`.
 Nothing is deleted except by the keep-N retention of numbered steps.
+
+Remote workdirs (a URL: `gs://bucket/run`; `ram://` in tests): Orbax reaches
+them through etils.epath; the listing, existence checks and renames here use
+tf.io.gfile (what epath itself uses for gs:// when TensorFlow is installed,
+and it also serves `ram://`, which the tests use as a fake remote filesystem).
+GCS has no atomic directory rename, so Orbax marks a finished step there with
+a `commit_success.txt` file instead; a numbered step directory on gs:// that
+lacks it is half-written and is not counted. Setting an unreadable step aside
+on gs:// is a copy-and-delete of its objects (slow for a big step, but
+rare). Local paths take the os/os.path calls exactly as before.
 """
 import os
 import re
@@ -27,12 +37,53 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simclr_jax.workdir_lock import is_remote
+
 CHECKPOINT_DIR = 'checkpoints'
 BACKBONE_DIR = 'backbone'
 # Saved state items, in the order of the docstring above.
 STATE_KEYS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Top-level parameter collections that are heads, not backbone.
 HEAD_PREFIXES = ('projection_head', 'supervised_head', 'head')
+# URL prefixes where Orbax finalizes a step with this file, not a rename
+# (orbax atomicity_defaults: CommitFileTemporaryPath for GCS).
+COMMIT_FILE_PREFIXES = ('gs://',)
+COMMIT_FILE = 'commit_success.txt'
+
+
+# ----------------------------------------------------------------------------
+# Files: os for local paths, tf.io.gfile for URLs.
+# ----------------------------------------------------------------------------
+def _gfile():
+  # Imported only for remote paths: TensorFlow takes seconds to import.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _abspath(path: str) -> str:
+  return path.rstrip('/') if is_remote(path) else os.path.abspath(path)
+
+
+def _isdir(path: str) -> bool:
+  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def _exists(path: str) -> bool:
+  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def _listdir(path: str) -> Iterable[str]:
+  if is_remote(path):
+    # GCS lists subdirectories as 'name/'.
+    return [name.rstrip('/') for name in _gfile().listdir(path)]
+  return os.listdir(path)
+
+
+def _rename(src: str, dst: str) -> None:
+  if is_remote(src):
+    _gfile().rename(src, dst)
+  else:
+    os.rename(src, dst)
 
 
 def create_manager(workdir: str, *, keep: int,
@@ -42,7 +93,7 @@ def create_manager(workdir: str, *, keep: int,
       max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      os.path.join(_abspath(workdir), CHECKPOINT_DIR),
       options=options, item_names=('state',))
 
 
@@ -114,10 +165,10 @@ def _set_aside(manager, step) -> None:
   if jax.process_index() == 0:
     src = _step_dir(manager, step)
     dst, n = src + '.corrupt', 0
-    while os.path.exists(dst):
+    while _exists(dst):
       n += 1
       dst = f'{src}.corrupt.{n}'
-    os.rename(src, dst)
+    _rename(src, dst)
     logging.error('Set the unreadable checkpoint aside: %s -> %s', src, dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -136,9 +187,15 @@ def _abstract(x):
 # init_checkpoint: start linear eval / fine-tuning from a pretraining run.
 # ----------------------------------------------------------------------------
 def _numeric_subdirs(path: str) -> Iterable[int]:
-  for name in os.listdir(path):
-    if re.fullmatch(r'\d+', name) and os.path.isdir(os.path.join(path, name)):
-      yield int(name)
+  """Finished step directories: numbered, and committed where GCS needs it."""
+  needs_commit_file = path.startswith(COMMIT_FILE_PREFIXES)
+  for name in _listdir(path):
+    step_dir = os.path.join(path, name)
+    if not re.fullmatch(r'\d+', name) or not _isdir(step_dir):
+      continue
+    if needs_commit_file and not _exists(os.path.join(step_dir, COMMIT_FILE)):
+      continue  # Half-written: Orbax has not committed it.
+    yield int(name)
 
 
 def resolve_checkpoint_path(path: str) -> str:
@@ -147,15 +204,15 @@ def resolve_checkpoint_path(path: str) -> str:
   Accepted: a run's workdir, its `checkpoints/` directory (newest step), one
   step directory, or an exported backbone directory.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = _abspath(path)
+  if not _isdir(path):
     raise FileNotFoundError(f'init_checkpoint {path!r} is not a directory.')
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+  if _isdir(os.path.join(path, CHECKPOINT_DIR)):
     path = os.path.join(path, CHECKPOINT_DIR)
   steps = sorted(_numeric_subdirs(path))
   if steps:
     path = os.path.join(path, str(steps[-1]))
-  if os.path.isdir(os.path.join(path, 'state')):
+  if _isdir(os.path.join(path, 'state')):
     path = os.path.join(path, 'state')
   return path
 
@@ -209,6 +266,22 @@ def _pick_pretrained(target, pretrained, *, reinit, what):
     return value
 
   return pick
+
+
+def init_checkpoint_reinit(config, pretrained_params: Mapping[str, Any]
+                           ) -> Tuple[str, ...]:
+  """Parameter subtrees that init_checkpoint does not provide (fresh init).
+
+  The supervised head is always new. A projection head missing from the
+  checkpoint (an exported backbone) is allowed when the classifier does not
+  read it. `pretrained_params` is the checkpoint's 'params' tree (arrays or
+  shapes); the result is merge_pretrained's / check_shapes' `reinit`.
+  """
+  reinit = ('supervised_head',)
+  head_unused = config.train_mode != 'finetune' or config.ft_proj_selector == 0
+  if 'projection_head' not in pretrained_params and head_unused:
+    reinit += ('projection_head',)
+  return reinit
 
 
 def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
@@ -280,7 +353,7 @@ def export_backbone(state, path: str) -> str:
 
   The result loads with `load_pretrained(path)` or as `init_checkpoint`.
   """
-  path = os.path.abspath(path)
+  path = _abspath(path)
   tree = {'params': backbone_only(state.params),
           'batch_stats': backbone_only(state.batch_stats)}
   checkpointer = ocp.StandardCheckpointer()
@@ -294,7 +367,7 @@ def export_backbone(state, path: str) -> str:
 def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
   """Steps of the complete checkpoints under `workdir` (for tests and tools)."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  if not _isdir(directory):
     return ()
   return tuple(sorted(_numeric_subdirs(directory)))
 

@@ -194,3 +194,63 @@ def test_export_backbone_loads_as_init_checkpoint(tmp_path):
   write_steps(tmp_path / 'run', [3, 9])
   assert checkpoint.resolve_checkpoint_path(str(tmp_path / 'run')).endswith(
       os.path.join('checkpoints', '9', 'state'))
+
+
+# ----------------------------------------------------------------------------
+# Remote paths (gs://...): listing, resolving and setting aside go through
+# tf.io.gfile; TensorFlow's in-memory `ram://` filesystem stands in for GCS.
+# (Orbax itself cannot write to ram://: etils.epath does not know the scheme.)
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def ram_run(tmp_path):
+  from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+  url = f'ram://checkpoint_test/{tmp_path.name}/run'
+  ckpt = f'{url}/{checkpoint.CHECKPOINT_DIR}'
+  for step in (3, 9):
+    gfile.makedirs(f'{ckpt}/{step}/state')
+  gfile.makedirs(f'{ckpt}/12.orbax-checkpoint-tmp-1700000000')
+  with gfile.GFile(f'{ckpt}/README', 'w') as f:
+    f.write('not a step')
+  with gfile.GFile(f'{ckpt}/3/{checkpoint.COMMIT_FILE}', 'w') as f:
+    f.write('')
+  yield url, gfile
+  try:
+    gfile.rmtree(url)
+  except Exception:  # pylint: disable=broad-except
+    pass  # ram:// renames a directory's entry but not its children's.
+
+
+def test_remote_listing_and_resolve(ram_run, monkeypatch):
+  url, _ = ram_run
+  assert checkpoint.checkpoint_steps(url) == (3, 9)
+  assert checkpoint.latest_step(url) == 9
+  assert checkpoint.checkpoint_steps(url + '/nothing_here') == ()
+  assert checkpoint.resolve_checkpoint_path(url + '/') == (
+      f'{url}/checkpoints/9/state')
+  assert checkpoint.resolve_checkpoint_path(f'{url}/checkpoints/3') == (
+      f'{url}/checkpoints/3/state')
+  with pytest.raises(FileNotFoundError, match='ram://'):
+    checkpoint.resolve_checkpoint_path(url + '/missing')
+  assert not os.path.exists('ram:')  # No local directory named after the URL.
+  # Where Orbax commits steps with a marker file (gs://), a step without it
+  # is half-written.
+  monkeypatch.setattr(checkpoint, 'COMMIT_FILE_PREFIXES', ('ram://',))
+  assert checkpoint.checkpoint_steps(url) == (3,)
+  assert checkpoint.resolve_checkpoint_path(url) == (
+      f'{url}/checkpoints/3/state')
+
+
+def test_remote_set_aside_renames_never_deletes(ram_run):
+  url, gfile = ram_run
+
+  class FakeManager:
+    directory = f'{url}/{checkpoint.CHECKPOINT_DIR}'
+    reload = lambda self: None  # pylint: disable=unnecessary-lambda-assignment
+
+  gfile.makedirs(f'{url}/checkpoints/9.corrupt')
+  checkpoint._set_aside(FakeManager(), 9)  # pylint: disable=protected-access
+  assert sorted(gfile.listdir(f'{url}/checkpoints')) == [
+      '12.orbax-checkpoint-tmp-1700000000', '3', '9.corrupt', '9.corrupt.1',
+      'README']
+  assert checkpoint.checkpoint_steps(url) == (3,)
+  assert checkpoint._abspath('gs://bucket/run/') == 'gs://bucket/run'  # pylint: disable=protected-access
