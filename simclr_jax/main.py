@@ -11,12 +11,16 @@ an invalid config value (configlib.validate), an unknown dataset or split, a
 dataset that is not prepared (the line gives the `tfds build` command), a
 workdir that cannot be written or that another live run holds, an
 `init_checkpoint` that is missing or whose shapes do not fit the model.
+The workdir and init_checkpoint may be URLs (gs://bucket/run): they are then
+checked through TensorFlow's filesystems, the workdir by writing and deleting
+a probe file (see workdir_lock.py for what the lock can promise there).
 A non-finite loss or gradient stops training with one line naming the step
 and exit code 3 (the newest checkpoint is still finite; do not just restart).
 """
 import difflib
 import os
 import runpy
+import socket
 import sys
 
 from absl import app
@@ -222,6 +226,9 @@ def initialize_distributed() -> None:
 # ----------------------------------------------------------------------------
 def check_workdir(workdir: str) -> None:
   """The workdir exists (or can be made) and is writable."""
+  if workdir_lock.is_remote(workdir):
+    _check_remote_workdir(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise BadInput(f'--workdir={workdir!r} exists and is not a directory.')
   try:
@@ -243,6 +250,48 @@ def check_workdir(workdir: str) -> None:
                    f'{e.strerror}.') from None
 
 
+def _check_remote_workdir(workdir: str) -> None:
+  """A URL workdir (gs://...): permissions only show on an actual write.
+
+  tf.io.gfile, as etils.epath uses for gs:// (os calls would make a local
+  `gs:/bucket/...` directory). An unknown scheme, a missing bucket or missing
+  credentials all fail here, before the lock and any compile.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  gfile = tf.io.gfile
+  probe = (f'{workdir.rstrip("/")}/.simclr_jax_write_test.'
+           f'{socket.gethostname()}.{os.getpid()}')
+  try:
+    if gfile.exists(workdir) and not gfile.isdir(workdir):
+      raise BadInput(f'--workdir={workdir!r} exists and is not a directory.')
+    gfile.makedirs(workdir)
+    with gfile.GFile(probe, 'w') as f:
+      f.write('ok')
+    gfile.remove(probe)
+  except BadInput:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # tf.errors.* (NotFound, PermissionDenied, Unimplemented scheme, ...).
+    raise BadInput(f'--workdir={workdir!r} is not writable: '
+                   f'{type(e).__name__}: {_one_line(e)}') from None
+
+
+def check_remote_init_checkpoint(config) -> None:
+  """configlib's existence check of init_checkpoint, for a URL."""
+  path = config.get('init_checkpoint')
+  if not path or not workdir_lock.is_remote(path):
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    exists = tf.io.gfile.exists(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadInput(f'config.init_checkpoint={path!r} cannot be read: '
+                   f'{type(e).__name__}: {_one_line(e)}') from None
+  if not exists:
+    raise BadInput(f'config.init_checkpoint={path!r} is invalid: no such '
+                   'path.')
+
+
 def check_dataset(config) -> int:
   """Dataset known and prepared, splits exist; returns the number of classes.
 
@@ -257,20 +306,6 @@ def check_dataset(config) -> int:
     return pipeline.num_classes(config)
   except ValueError as e:
     raise BadInput(f'{_one_line(e)}') from None
-
-
-def init_checkpoint_reinit(config, pretrained_param_names) -> tuple:
-  """Parameter subtrees that init_checkpoint does not provide (fresh init).
-
-  The supervised head is always new. A projection head missing from the
-  checkpoint (an exported backbone) is allowed when the classifier does not
-  read it (mirrors train.load_init_checkpoint).
-  """
-  reinit = ('supervised_head',)
-  head_unused = config.train_mode != 'finetune' or config.ft_proj_selector == 0
-  if 'projection_head' not in pretrained_param_names and head_unused:
-    reinit += ('projection_head',)
-  return reinit
 
 
 def check_init_checkpoint(config, workdir: str, num_classes: int) -> None:
@@ -295,7 +330,7 @@ def check_init_checkpoint(config, workdir: str, num_classes: int) -> None:
       lambda: model.init(jax.random.PRNGKey(0),
                          jnp.zeros((2, size, size, 3), jnp.float32),
                          train=False))
-  reinit = init_checkpoint_reinit(config, pretrained['params'])
+  reinit = checkpoint.init_checkpoint_reinit(config, pretrained['params'])
   try:
     for what in ('params', 'batch_stats'):
       checkpoint.check_shapes(variables.get(what, {}), pretrained[what],
@@ -317,13 +352,17 @@ def main(argv):
   try:
     # Cheap checks first: a typo must not cost a multi-host rendezvous, nor
     # the seconds it takes to import TensorFlow for the dataset checks.
-    configlib.validate(config, device_count=1, process_count=1,
-                       check_dataset=False)
+    # configlib checks that a local init_checkpoint exists (os.path); a URL
+    # is checked after the rendezvous, with TensorFlow's filesystems.
+    configlib.validate(
+        config, device_count=1, process_count=1, check_dataset=False,
+        check_paths=not workdir_lock.is_remote(config.init_checkpoint))
     initialize_distributed()
     configlib.validate(config, device_count=jax.device_count(),
                        process_count=jax.process_count(),
                        check_dataset=False, check_paths=False)
     check_workdir(workdir)
+    check_remote_init_checkpoint(config)
   except (configlib.ConfigError, BadInput) as e:
     _fail(_one_line(e))
 

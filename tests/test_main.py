@@ -264,3 +264,41 @@ def test_init_checkpoint_shape_mismatch_names_the_path(tmp_path):
   linear.init_checkpoint = str(tmp_path)  # No checkpoint there.
   with pytest.raises(main.BadInput, match='no Orbax checkpoint'):
     main.check_init_checkpoint(linear, str(empty), num_classes=10)
+
+
+# ----------------------------------------------------------------------------
+# URL workdirs (gs://...): checked through tf.io.gfile, never through os
+# (which would make a local `gs:/bucket/...` directory). TensorFlow's
+# in-memory `ram://` filesystem stands in for GCS.
+# ----------------------------------------------------------------------------
+def test_remote_workdir_is_probed_with_a_write(tmp_path, monkeypatch):
+  from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  url = f'ram://main_test/{tmp_path.name}/run'
+  main.check_workdir(url)
+  assert gfile.isdir(url) and gfile.listdir(url) == []  # Probe deleted.
+  with gfile.GFile(f'{url}/a_file', 'w') as f:
+    f.write('x')
+  with pytest.raises(main.BadInput, match='exists and is not a directory'):
+    main.check_workdir(f'{url}/a_file')
+  assert os.listdir(tmp_path) == []  # Nothing local named after the URL.
+
+  config = ml_collections.ConfigDict({'init_checkpoint': f'{url}/missing'})
+  with pytest.raises(main.BadInput, match=r"init_checkpoint='ram://.*' is "
+                     'invalid: no such path'):
+    main.check_remote_init_checkpoint(config)
+  config.init_checkpoint = url
+  main.check_remote_init_checkpoint(config)
+  gfile.rmtree(url)
+
+
+def test_unwritable_remote_workdir_exits_2_and_creates_nothing_local(tmp_path):
+  """An unknown scheme stands in for a bucket without write access."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  result = subprocess.run(
+      [sys.executable, '-m', 'simclr_jax.main', '--config=' + DEMO,
+       '--workdir=nosuch://bucket/run'], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=180)
+  _assert_one_error_line(result, "--workdir='nosuch://bucket/run' is not "
+                         'writable', 'nosuch')
+  assert os.listdir(tmp_path) == []
