@@ -170,12 +170,11 @@ def bench_train(config, *, steps, warmup, peak_tflops=None):
       state, batch).compile()
   compile_s = time.perf_counter() - start
 
-  holder = [state]
+  holder = {'state': state}
 
   def run_step():
-    holder[0], metrics = step(holder[0], batch)
-    jax.block_until_ready(metrics)
-    holder.append(float(metrics['loss']))
+    holder['state'], metrics = step(holder['state'], batch)
+    holder['loss'] = float(jax.block_until_ready(metrics)['loss'])
 
   step_time, times, cpu_time = time_steps(run_step, steps=steps, warmup=warmup)
   xla = xla_flops(step)
@@ -200,7 +199,7 @@ def bench_train(config, *, steps, warmup, peak_tflops=None):
       'peak_tflops_per_device': None if peak is None else peak / 1e12,
       'mfu': mfu(analytic, step_time, peak, devices),
       'memory_bytes_per_device': device_memory_bytes(step),
-      'loss': holder[-1],
+      'loss': holder['loss'],
   }
   return result
 
