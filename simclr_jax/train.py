@@ -283,6 +283,7 @@ def linear_probe_accuracy(state, feature_fn, config, mesh, *,
   preprocessing) and of the whole eval split; λ picked from PROBE_L2_GRID on
   a tenth of the train features held out, then refitted on all of them. The
   ridge solve is `evaluators.ridge_predict` (the few-shot evaluator's).
+  `feature_fn=None` probes the raw pixels instead (a reference point).
   """
   from simclr_jax import evaluators  # pylint: disable=g-import-not-at-top
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -291,15 +292,24 @@ def linear_probe_accuracy(state, feature_fn, config, mesh, *,
     split_config = config.copy_and_resolve_references()
     with split_config.unlocked():
       split_config.eval_split = split
-    feats = evaluators.extract_features(
-        state, feature_fn, pipeline.create_eval_iterator(split_config), mesh)
+    batches = pipeline.create_eval_iterator(split_config)
+    if feature_fn is None:
+      xs, ys = zip(*[(b['image'][b['mask']], b['label'][b['mask']])
+                     for b in batches])
+      x = np.concatenate(xs).reshape(-1, np.prod(xs[0].shape[1:]))
+      x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+      return x, np.concatenate(ys)
+    feats = evaluators.extract_features(state, feature_fn, batches, mesh)
     x, y, m = (np.asarray(jax.device_get(a)) for a in feats)
     x, y, m = x.reshape(-1, x.shape[-1]), y.reshape(-1), m.reshape(-1)
     return x[m], y[m]
 
-  train_x, train_y = split_features(config.train_split)
-  train_x = train_x[:config.probe_train_examples]
-  train_y = train_y[:config.probe_train_examples]
+  n = config.probe_train_examples
+  train_split = config.train_split
+  if '[' not in train_split:  # Read only the examples the probe uses.
+    train_split = f'{train_split}[:{n}]'
+  train_x, train_y = split_features(train_split)
+  train_x, train_y = train_x[:n], train_y[:n]
   test_x, test_y = split_features(config.eval_split)
 
   def accuracy(fit_x, fit_y, x, y, l2):
@@ -563,11 +573,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     random_state = init_state(jax.random.PRNGKey(config.seed))
     random_probe = linear_probe_accuracy(random_state, feature_fn, config,
                                          mesh, num_classes=num_classes)
+    pixel_probe = linear_probe_accuracy(None, None, config, mesh,
+                                        num_classes=num_classes)
     writer.write_scalars(step, {'probe/pretrained_top1': probe,
-                                'probe/random_init_top1': random_probe})
+                                'probe/random_init_top1': random_probe,
+                                'probe/raw_pixels_top1': pixel_probe})
     if lead_host:
+      # A random ResNet with zero-initialised last BN γ per block is little
+      # more than its stem and strided 1x1 shortcuts: the raw pixels are the
+      # fairer reference, printed beside it.
       print(f'Linear probe test accuracy ({config.dataset}, '
             f'{config.eval_split}): pretrained {probe:.2%} vs random init '
-            f'{random_probe:.2%} (step {step}).', flush=True)
+            f'{random_probe:.2%} (step {step}; raw pixels: '
+            f'{pixel_probe:.2%}).', flush=True)
   writer.flush()
   return state

@@ -205,6 +205,7 @@ def test_bad_config_leaves_checkpoints_untouched(pretrain_run):
   assert tree_hashes(workdir) == before
 
 
+@pytest.mark.slow  # A second tiny run: ~1 min on a busy 2-core machine.
 def test_linear_eval_uses_the_frozen_pretrained_backbone(pretrain_run,
                                                          tmp_path):
   pre_workdir, pre_state, pre_config = pretrain_run
