@@ -108,10 +108,7 @@ def load_init_checkpoint(state: TrainState, config, mesh) -> TrainState:
   (an exported backbone) is allowed when the classifier does not read it.
   """
   pretrained = checkpoint.load_pretrained(config.init_checkpoint)
-  reinit = ('supervised_head',)
-  head_unused = config.train_mode != 'finetune' or config.ft_proj_selector == 0
-  if 'projection_head' not in pretrained['params'] and head_unused:
-    reinit += ('projection_head',)
+  reinit = checkpoint.init_checkpoint_reinit(config, pretrained['params'])
   params = checkpoint.merge_pretrained(state.params, pretrained['params'],
                                        reinit=reinit, what='params')
   batch_stats = checkpoint.merge_pretrained(
