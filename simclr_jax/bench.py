@@ -48,19 +48,25 @@ import numpy as np
 from simclr_jax import flops
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                lock_config=True)
-flags.DEFINE_list('what', ['train', 'input'],
-                  'Any of train, input, baseline (all: the three).')
-flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).')
-flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
-flags.DEFINE_float('peak_tflops', None,
-                   'Peak TFLOP/s of one device, for MFU where the device kind '
-                   'is not in flops.PEAK_FLOPS (e.g. CPUs).')
-flags.DEFINE_list('weak_scaling', [],
-                  'Fake CPU device counts, e.g. 1,2,4,8: fixed per-device '
-                  'batch, one subprocess per count.')
-flags.DEFINE_float('input_seconds', 10.0, 'Seconds the input bench runs.')
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (main.py owns
+  `--config` when both modules are imported, e.g. in the tests)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                  lock_config=True)
+  flags.DEFINE_list('what', ['train', 'input'],
+                    'Any of train, input, baseline (all: the three).')
+  flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
+  flags.DEFINE_float('peak_tflops', None,
+                     'Peak TFLOP/s of one device, for MFU where the device kind '
+                     'is not in flops.PEAK_FLOPS (e.g. CPUs).')
+  flags.DEFINE_list('weak_scaling', [],
+                    'Fake CPU device counts, e.g. 1,2,4,8: fixed per-device '
+                    'batch, one subprocess per count.')
+  flags.DEFINE_float('input_seconds', 10.0, 'Seconds the input bench runs.')
+
 
 NUM_CLASSES = 10  # Synthetic labels; the linear head's width hardly matters.
 
@@ -358,5 +364,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)
