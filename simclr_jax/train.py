@@ -213,30 +213,29 @@ def _variables(state):
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def make_logits_fn(model, mesh) -> Callable:
-  """logits(state, host-local images) -> global [N, classes] array."""
-  apply = jax.jit(
-      lambda v, x: model.apply(v, x, train=False)[2],
-      in_shardings=(sharding.replicated_sharding(mesh),
-                    sharding.data_sharding(mesh)),
-      out_shardings=sharding.data_sharding(mesh))
-  return lambda state, images: apply(
-      _variables(state), sharding.host_batch_to_global(images, mesh))
-
-
-def make_feature_fn(model, mesh) -> Callable:
-  """features(state, host-local images) -> representations h, global [N, d].
+def _make_output_fn(model, mesh, index: int) -> Callable:
+  """fn(state, host-local images) -> output `index` of SimCLRModel, global.
 
   The output stays sharded on 'data' (each device keeps the rows it
   computed); the host batch must split evenly over the local devices.
   """
   apply = jax.jit(
-      lambda v, x: model.apply(v, x, train=False)[0],
+      lambda v, x: model.apply(v, x, train=False)[index],
       in_shardings=(sharding.replicated_sharding(mesh),
                     sharding.data_sharding(mesh)),
       out_shardings=sharding.data_sharding(mesh))
   return lambda state, images: apply(
       _variables(state), sharding.host_batch_to_global(images, mesh))
+
+
+def make_logits_fn(model, mesh) -> Callable:
+  """logits(state, host-local images) -> global [N, classes] array."""
+  return _make_output_fn(model, mesh, 2)
+
+
+def make_feature_fn(model, mesh) -> Callable:
+  """features(state, host-local images) -> representations h, global [N, d]."""
+  return _make_output_fn(model, mesh, 0)
 
 
 def make_eval_step(model, mesh) -> Callable:
