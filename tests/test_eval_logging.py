@@ -57,7 +57,6 @@ def read_scalars(logdir):
   return scalars
 
 
-@pytest.mark.slow
 def test_pretraining_logs_knn_and_fewshot_curves(tmp_path):
   from simclr_jax import evaluators
   from simclr_jax import models

@@ -40,7 +40,6 @@ def test_notebook_is_clean():
     assert f"setting('{name}'" in settings
 
 
-@pytest.mark.slow
 def test_notebook_executes(tmp_path, monkeypatch):
   for name, value in TINY.items():
     monkeypatch.setenv(f"SIMCLR_NOTEBOOK_{name}", value)

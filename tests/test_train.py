@@ -275,7 +275,6 @@ def sigterm_at_batch(monkeypatch, index):
   monkeypatch.setattr(pipeline, 'create_train_iterator', wrapped)
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_is_bitwise_exact(
     data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, 'pretrain', checkpoint_every_steps=4,
