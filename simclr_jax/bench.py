@@ -138,12 +138,16 @@ def mfu(flops_per_step, step_s, peak_flops_per_device, devices):
 
 
 def synthetic_batch(config, seed=0):
-  """A host-local pretrain batch: image [n, 2, H, W, 3] in [0, 1], label [n]."""
+  """A host-local pretrain batch: image [n, 2, H, W, 3] in [0, 1], label [n]
+  (and the views' augment_key [n, 2, 2] with color_augment='device')."""
   n = config.train_batch_size // jax.process_count()
   size = config.image_size
   rng = np.random.default_rng(seed)
-  return {'image': rng.random((n, 2, size, size, 3), np.float32),
-          'label': rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)}
+  batch = {'image': rng.random((n, 2, size, size, 3), np.float32),
+           'label': rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)}
+  if config.get('color_augment', 'host') == 'device':
+    batch['augment_key'] = rng.integers(0, 2**32, (n, 2, 2), np.uint32)
+  return batch
 
 
 def _rates(config, step_time, devices):
@@ -238,7 +242,9 @@ def bench_input(config, *, seconds, num_images=128):
   """Two-view images/s of the training preprocessing alone (no device work).
 
   data/throughput.py: in-memory JPEGs through the pipeline's two-view map at
-  the config's image size, jitter and blur, on this host's CPU.
+  the config's image size, jitter and blur, on this host's CPU. With
+  color_augment='device' the host only crops, flips and resizes (the colour
+  and blur are in the train step's time).
   """
   from simclr_jax.data import throughput  # pylint: disable=g-import-not-at-top
   host_batch = config.train_batch_size // jax.process_count()
@@ -246,9 +252,11 @@ def bench_input(config, *, seconds, num_images=128):
       config.image_size, num_images=num_images,
       batch_size=min(host_batch, 256), seconds=seconds,
       warmup_batches=2, blur=config.use_blur,
-      color_jitter_strength=config.color_jitter_strength)
+      color_jitter_strength=config.color_jitter_strength,
+      color_on_device=config.get('color_augment', 'host') == 'device')
   views = result['views_per_s']
   return {'images_per_s': views / 2, 'views_per_s': views,
+          'color_augment': config.get('color_augment', 'host'),
           'views_per_s_per_core': result['views_per_s_per_core'],
           'source': result['source'], 'seconds': seconds}
 

@@ -20,6 +20,9 @@ PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DTYPES = ('float32', 'bfloat16')
 AUGMENTATION_IMPLS = ('simclrv1', 'simclrv2')
+# Where the colour jitter, grayscale and blur of pretraining run: in tf.data
+# on the host CPU, or in the train step on the accelerator (device_augment.py).
+COLOR_AUGMENT_PLACES = ('host', 'device')
 # The CIFAR stem (image_size <= 32) keeps full resolution and the three strided
 # block groups halve it: below 8 px the last groups would convolve padding.
 # Above 32 px the ImageNet stem (÷4) and the groups (÷8) leave >= 1 px.
@@ -45,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.color_jitter_strength = 1.0
   c.use_blur = True
   c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
+  # 'device': colour jitter, grayscale and blur run in the train step (the
+  # host only decodes, crops, flips, resizes): for hosts whose CPU limits.
+  c.color_augment = 'host'
   c.cache_dataset = False  # Keep the encoded records in memory (small sets).
   # Batches are global (all devices of all hosts).
   c.train_batch_size = 4096
@@ -147,6 +153,7 @@ def validate(config: ml_collections.ConfigDict, *,
   _one_of(config, 'resnet_depth', RESNET_DEPTHS)
   _one_of(config, 'dtype', DTYPES)
   _one_of(config, 'augmentation_impl', AUGMENTATION_IMPLS)
+  _one_of(config, 'color_augment', COLOR_AUGMENT_PLACES)
 
   for key in ('train_batch_size', 'eval_batch_size'):
     _positive(config, key)

@@ -39,6 +39,7 @@ import optax
 
 from simclr_jax import checkpoint
 from simclr_jax import configlib
+from simclr_jax import device_augment
 from simclr_jax import losses
 from simclr_jax import models
 from simclr_jax import optim
@@ -148,16 +149,24 @@ def make_contrastive_loss(config, mesh) -> Callable:
 def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
   """The jitted update: (state, global batch) -> (state, metrics).
 
-  pretrain batch: image [N, 2, H, W, 3], label [N]; other modes: image
-  [N, H, W, 3]. The state buffers are donated (updated in place).
+  pretrain batch: image [N, 2, H, W, 3], label [N] (and augment_key
+  [N, 2, 2] with color_augment='device': the step applies the colour jitter,
+  grayscale and blur itself); other modes: image [N, H, W, 3]. The state
+  buffers are donated (updated in place).
   """
   mode = config.train_mode
   contrastive_loss = make_contrastive_loss(config, mesh)
+  color_on_device = (mode == 'pretrain' and configlib.get_override(
+      config, 'color_augment', 'host') == 'device')
   skip_nonfinite = configlib.get_override(config, 'skip_nonfinite_steps', False)
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch['image'], batch['label']
+    if color_on_device:
+      images = device_augment.distort_views(
+          images, batch['augment_key'], strength=config.color_jitter_strength,
+          impl=config.augmentation_impl, blur=config.use_blur)
     if mode == 'pretrain':
       # [N, 2, ...] -> [2N, ...]: image i's views at rows 2i, 2i+1, so each
       # device keeps the views of its own images (no resharding).
@@ -476,7 +485,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       workdir, just_logging=not lead_host)
   if start_step == 0:
     writer.write_hparams(flat_hparams(config))
-    writer.write_images(0, {'augmented_views': view_grid(first_batch['image'])})
+    views = first_batch['image'][:8]
+    if 'augment_key' in first_batch:  # color_augment='device': as trained on.
+      views = device_augment.distort_views(
+          views, first_batch['augment_key'][:8],
+          strength=config.color_jitter_strength,
+          impl=config.augmentation_impl, blur=config.use_blur)
+    writer.write_images(0, {'augmented_views': view_grid(np.asarray(views))})
   writer.write_scalars(start_step, {'compile_time_s': compile_time})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer, every_secs=60.0)]

@@ -72,6 +72,7 @@ def test_r50_4096_is_the_paper_recipe():
           config.learning_rate_scaling) == ('lars', 0.3, 'linear')
   assert (config.temperature, config.weight_decay) == (0.1, 1e-6)
   assert config.image_size == 224 and config.use_blur
+  assert config.color_augment == 'device'  # The host CPU limits at 224 px.
   derived = configlib.steps_from_config(config, 1_281_167)
   assert derived['scaled_learning_rate'] == pytest.approx(4.8)
   assert derived['warmup_steps'] == 3127
@@ -86,6 +87,7 @@ BAD = [
     ('train_mode', 'pretraining', 'expected one of'),
     ('optimizer', 'sgd', 'expected one of'),
     ('augmentation_impl', 'simclrv3', 'expected one of'),
+    ('color_augment', 'gpu', 'expected one of'),
     ('temperature', 0.0, 'must be > 0'),
     ('temperature', -0.5, 'must be > 0'),
     ('train_batch_size', 100, 'divisible by the device count 8'),

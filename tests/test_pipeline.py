@@ -117,6 +117,34 @@ def test_cifar10_32_train_and_eval_under_mock_data():
                                 [ex['label'] for ex in raw_test])
 
 
+def test_color_on_device_ships_crops_and_keys(indexed_dir):
+  """color_augment='device': the views are crop + flip + resize only (so
+  grayscale-free and unjittered: equal to the host path at strength 0 without
+  grayscale) and each carries a uint32 key that is a function of the seed."""
+  config = indexed_config(indexed_dir, color_augment='device', use_blur=True)
+  a, b = train_batches(config, 2, seed=4), train_batches(config, 2, seed=4)
+  c = train_batches(config, 1, seed=5)
+  host = train_batches(indexed_config(indexed_dir, color_jitter_strength=0.0),
+                       2, seed=4)
+  for x, y, h in zip(a, b, host):
+    assert x['augment_key'].shape == (8, 2, 2)
+    assert x['augment_key'].dtype == np.uint32
+    np.testing.assert_array_equal(x['augment_key'], y['augment_key'])
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], h['label'])
+    assert_views(x, 8, 16)
+    # The host path at strength 0 still applies grayscale (p = 0.2); where
+    # it did not, its views are exactly the device path's crops.
+    colour = ~np.all(np.isclose(h['image'][..., 0], h['image'][..., 1]),
+                     axis=(2, 3))
+    assert colour.sum() > 8
+    np.testing.assert_allclose(x['image'][colour], h['image'][colour],
+                               atol=1e-6)
+  keys = a[0]['augment_key'].reshape(-1, 2)
+  assert len({tuple(k) for k in keys}) == len(keys)  # One key per view.
+  assert not np.array_equal(a[0]['augment_key'], c[0]['augment_key'])
+
+
 def test_other_train_modes_give_one_view():
   config = make_config(train_mode='linear_eval')
   with tfds.testing.mock_data(num_examples=4):

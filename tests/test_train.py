@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from simclr_jax import checkpoint
 from simclr_jax import configlib
+from simclr_jax import device_augment
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import sharding
@@ -117,8 +118,9 @@ def test_trainable_labels_follow_mode_and_fine_tune_after_block(
 # ----------------------------------------------------------------------------
 # The sharded step equals the single-device step on the same global batch.
 # ----------------------------------------------------------------------------
-def test_pretrain_step_on_8_devices_equals_1_device():
-  config = tiny_config('', 'pretrain')
+@pytest.mark.parametrize('color_augment', ['host', 'device'])
+def test_pretrain_step_on_8_devices_equals_1_device(color_augment):
+  config = tiny_config('', 'pretrain', color_augment=color_augment)
   model = models.create_model(config, NUM_CLASSES)
   lr_fn = optim.create_learning_rate_schedule(config, NUM_TRAIN)
   tx = train.create_optimizer(config, lr_fn)
@@ -128,6 +130,9 @@ def test_pretrain_step_on_8_devices_equals_1_device():
   batches = [{'image': rng.uniform(size=(16, 2, 8, 8, 3)).astype(np.float32),
               'label': rng.integers(0, NUM_CLASSES, 16).astype(np.int32)}
              for _ in range(2)]
+  if color_augment == 'device':
+    for batch in batches:
+      batch['augment_key'] = rng.integers(0, 2**32, (16, 2, 2), np.uint32)
 
   def run(devices):
     mesh = sharding.create_mesh(devices)
@@ -158,6 +163,33 @@ def test_pretrain_step_on_8_devices_equals_1_device():
                                  atol=1e-6), state8.params, state1.params)
   assert not leaves_equal(state1.params, host_state.params)
   assert int(state8.step) == 2
+
+
+def test_device_color_step_equals_host_step_on_distorted_views():
+  """The 'device' step is the 'host' step applied to distort_views(batch)."""
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.uniform(size=(16, 2, 8, 8, 3)).astype(np.float32),
+           'label': rng.integers(0, NUM_CLASSES, 16).astype(np.int32),
+           'augment_key': rng.integers(0, 2**32, (16, 2, 2), np.uint32)}
+  mesh = sharding.create_mesh(jax.devices())
+  losses = {}
+  for place in ('host', 'device'):
+    config = tiny_config('', 'pretrain', color_augment=place)
+    model = models.create_model(config, NUM_CLASSES)
+    lr_fn = optim.create_learning_rate_schedule(config, NUM_TRAIN)
+    state = train.create_train_state(config, model, train.create_optimizer(
+        config, lr_fn), jax.random.PRNGKey(0))
+    state = sharding.replicate(jax.device_get(state), mesh)
+    step = train.make_train_step(model, config, lr_fn, mesh)
+    fed = dict(batch)
+    if place == 'host':
+      fed['image'] = np.asarray(device_augment.distort_views(
+          batch['image'], batch['augment_key'],
+          strength=config.color_jitter_strength))
+      del fed['augment_key']
+    _, metrics = step(state, sharding.host_batch_to_global(fed, mesh))
+    losses[place] = float(metrics['loss'])
+  np.testing.assert_allclose(losses['device'], losses['host'], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -277,8 +309,11 @@ def sigterm_at_batch(monkeypatch, index):
 
 def test_sigterm_checkpoints_and_resume_is_bitwise_exact(
     data_dir, tmp_path, monkeypatch):
+  # With the colour jitter in the train step (the ImageNet configs' setting;
+  # the other end-to-end runs here use the host path): its draws come with
+  # the batch, so the resumed run redraws exactly the same views.
   config = tiny_config(data_dir, 'pretrain', checkpoint_every_steps=4,
-                       keep_checkpoints=5)
+                       keep_checkpoints=5, color_augment='device')
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   stopped_dir = str(tmp_path / 'stopped')

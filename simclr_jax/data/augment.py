@@ -350,6 +350,13 @@ def view_seeds(seed):
   return _split(seed, 2)
 
 
+def device_key(seed):
+  """uint32 [2]: raw threefry key for the view's on-device colour and blur
+  (`device_augment.distort_view`), a pure function of the view's finish seed."""
+  return tf.random.stateless_uniform([2], _split(seed, 4)[3], minval=None,
+                                     maxval=None, dtype=tf.uint32)
+
+
 def crop_window(image, offset, size):
   """image[y:y+h, x:x+w] for offset (y, x), size (h, w)."""
   return tf.slice(image, tf.concat([offset, [0]], 0),

@@ -24,6 +24,9 @@ same number of eval steps (they meet in the same collectives).
 Batches are dicts of numpy arrays, ready for
 `jax.make_array_from_process_local_data`:
   pretrain train:  image float32 [n, 2, H, W, 3], label int32 [n]
+                   (+ augment_key uint32 [n, 2, 2] with color_augment='device':
+                   the views are then only cropped, flipped and resized, and
+                   the train step applies device_augment.distort_views)
   other train:     image float32 [n, H, W, 3],    label int32 [n]
   eval:            image float32 [n, H, W, 3],    label int32 [n], mask bool [n]
 with n = global batch // process_count. Labels are the tfds labels (−1 for
@@ -218,7 +221,7 @@ def _fold_in(seed, *data):
 
 
 def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
-                impl='simclrv2', decode='once'):
+                impl='simclrv2', decode='once', color_on_device=False):
   """(encoded image, seed [2]) → two SimCLR views, float32 [2, S, S, 3].
 
   `decode='once'` decodes each record once and crops both views from it.
@@ -228,6 +231,12 @@ def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
   views (up to JPEG chroma upsampling at the window edge); which is faster
   depends on image and window sizes: on 256×256 JPEGs at 224 px, 'once'
   (see throughput.py and the README's performance section).
+
+  `color_on_device=True` stops after crop, flip and resize and returns
+  (views, keys): keys are uint32 [2, 2], each view's raw threefry key for
+  `device_augment.distort_view`, drawn from the view's seed, so the colour
+  and blur the train step applies are a function of the same (seed, epoch,
+  example, view) as the host path's.
   """
   if decode not in ('crop', 'once'):
     raise ValueError(f"decode must be 'crop' or 'once', got {decode!r}.")
@@ -235,8 +244,9 @@ def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
   # both decode paths): tracing the colour ops 4× cost seconds per pipeline.
   finish = tf.function(functools.partial(
       augment.finish_view, height=image_size, width=image_size,
-      color_jitter_strength=color_jitter_strength, impl=impl, blur=use_blur),
-                       autograph=False)
+      color_jitter_strength=color_jitter_strength, impl=impl,
+      blur=use_blur and not color_on_device,
+      color_distort=not color_on_device), autograph=False)
 
   def crops_of_pixels(encoded, crop_seeds):
     image = decode_image(encoded)
@@ -259,8 +269,12 @@ def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
       crops = tf.cond(tf.io.is_jpeg(encoded),
                       lambda: crops_of_jpeg(encoded, crop_seeds),
                       lambda: crops_of_pixels(encoded, crop_seeds))
-    return tf.stack([finish(crop, seed=s[1])
-                     for crop, s in zip(crops, view_seeds)])
+    views = tf.stack([finish(crop, seed=s[1])
+                      for crop, s in zip(crops, view_seeds)])
+    if not color_on_device:
+      return views
+    keys = tf.stack([augment.device_key(s[1]) for s in view_seeds])
+    return views, keys
 
   return two_views
 
@@ -273,19 +287,26 @@ def augmentation_impl(config):
 
 
 def _train_preprocess_fn(config, pretrain):
-  """(encoded, seed) → the training example's image(s) of config.train_mode."""
+  """(encoded, seed) → dict of the training example's image(s) (and keys)."""
   size = int(config.image_size)
   if pretrain:
-    return two_view_fn(
+    on_device = _get(config, 'color_augment', 'host') == 'device'
+    two_views = two_view_fn(
         size, color_jitter_strength=float(_get(config, 'color_jitter_strength',
                                                1.0)),
         use_blur=bool(_get(config, 'use_blur', False)),
-        impl=augmentation_impl(config))
+        impl=augmentation_impl(config), color_on_device=on_device)
+    if on_device:
+      def views_and_keys(encoded, seed):
+        views, keys = two_views(encoded, seed)
+        return {'image': views, 'augment_key': keys}
+      return views_and_keys
+    return lambda encoded, seed: {'image': two_views(encoded, seed)}
 
   def crop_and_flip(encoded, seed):
     # linear_eval / finetune / supervised: crop + flip only (reference).
-    return augment.preprocess_for_train(decode_image(encoded), size, size,
-                                        seed=seed, color_distort=False)
+    return {'image': augment.preprocess_for_train(
+        decode_image(encoded), size, size, seed=seed, color_distort=False)}
 
   return crop_and_flip
 
@@ -349,8 +370,8 @@ def create_train_iterator(config, *, seed, start_step=0, process_index=None,
   @_graph_fn
   def decode_and_augment(epoch, index, encoded, label):
     view_seed = _fold_in(base_seed, 2, epoch, shard_offset + index)
-    image = preprocess(encoded, view_seed)
-    return {'image': image, 'label': tf.cast(label, tf.int32)}
+    return {**preprocess(encoded, view_seed),
+            'label': tf.cast(label, tf.int32)}
 
   # Element j of this process's stream is example j % shard_size of epoch
   # j // shard_size; batch k holds elements [k·n, (k+1)·n).

@@ -127,6 +127,7 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
                              seconds=10.0, warmup_batches=4, blur=None,
                              reference=False, color_jitter_strength=1.0,
                              decode='once', repeats=1, seed=0,
+                             color_on_device=False,
                              source_size=SOURCE_SIZE, content='smooth'):
   """Two-view views/second of the training preprocessing at `image_size`.
 
@@ -144,6 +145,9 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
       whole JPEG once for both views); see `pipeline.two_view_fn`.
     repeats: timed repeats; the best and median are reported (the host is
       shared, so the best is the least disturbed one).
+    color_on_device: the host side of color_augment='device': crop, flip
+      and resize only, plus each view's key (colour and blur run in the
+      train step, device_augment.py).
 
   Returns:
     dict with views_per_s (best), views_per_s_median, views_per_s_per_core,
@@ -157,7 +161,8 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
   else:
     two_views = pipeline.two_view_fn(
         image_size, color_jitter_strength=color_jitter_strength,
-        use_blur=blur, impl='simclrv2', decode=decode)
+        use_blur=blur, impl='simclrv2', decode=decode,
+        color_on_device=color_on_device)
     base_seed = tf.constant([seed, 0], tf.int64)
     preprocess = lambda encoded, index: two_views(
         encoded, tf.random.experimental.stateless_fold_in(base_seed, index))
@@ -177,13 +182,16 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
     start, cpu_start = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
       batch = next(it)
-      views += 2 * int(batch.shape[0])
+      images = batch[0] if isinstance(batch, tuple) else batch  # (views, keys)
+      views += 2 * int(images.shape[0])
     rates.append(views / (time.perf_counter() - start))
     cpu_rates.append(views / (time.process_time() - cpu_start))
   cores = os.cpu_count() or 1
   best = max(rates)
   return {
-      'pipeline': 'reference' if reference else 'simclr_jax',
+      'pipeline': ('reference' if reference else
+                   'simclr_jax' + (' (colour on device)' if color_on_device
+                                   else '')),
       'image_size': image_size,
       'views_per_s': best,
       'views_per_s_median': statistics.median(rates),
@@ -194,7 +202,8 @@ def measure_input_throughput(image_size, *, num_images=512, batch_size=64,
       'views_per_cpu_s': max(cpu_rates),
       'cpu_rates': cpu_rates,
       'cores': cores,
-      'blur': bool(blur) and not reference,
+      'blur': bool(blur) and not reference and not color_on_device,
+      'color_on_device': bool(color_on_device) and not reference,
       'decode': 'once' if reference else decode,
       'batch_size': batch_size,
       'num_images': num_images,
@@ -227,6 +236,9 @@ def main(argv=None):
   parser.add_argument('--reference', action='store_true',
                       help='also time the reference release pipeline')
   parser.add_argument('--decode', default='once', choices=('once', 'crop'))
+  parser.add_argument('--color_on_device', action='store_true',
+                      help="also time the host side of color_augment='device' "
+                      '(crop, flip, resize; colour and blur in the train step)')
   args = parser.parse_args(argv)
   kwargs = dict(num_images=args.num_images, batch_size=args.batch_size,
                 seconds=args.seconds, repeats=args.repeats,
@@ -234,13 +246,19 @@ def main(argv=None):
   ours = measure_input_throughput(args.image_size, blur=args.blur,
                                   decode=args.decode, **kwargs)
   print(format_result(ours), flush=True)
+  if args.color_on_device:
+    device = measure_input_throughput(args.image_size, blur=args.blur,
+                                      decode=args.decode, color_on_device=True,
+                                      **kwargs)
+    print(format_result(device), flush=True)
   if args.reference:
     ref = measure_input_throughput(args.image_size, reference=True, **kwargs)
     print(format_result(ref))
-    print(f"ratio simclr_jax / reference: "
-          f"{ours['views_per_s'] / ref['views_per_s']:.2f}x wall, "
-          f"{ours['views_per_cpu_s'] / ref['views_per_cpu_s']:.2f}x per "
-          f"CPU-second")
+    for r in [ours] + ([device] if args.color_on_device else []):
+      print(f"ratio {r['pipeline']} / reference: "
+            f"{r['views_per_s'] / ref['views_per_s']:.2f}x wall, "
+            f"{r['views_per_cpu_s'] / ref['views_per_cpu_s']:.2f}x per "
+            f"CPU-second")
 
 
 if __name__ == '__main__':
