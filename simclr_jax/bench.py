@@ -24,7 +24,11 @@ batch of the config's global batch size, so no dataset is needed):
 - `input`: the input pipeline alone, two-view images/s, to see which side is
   the bottleneck;
 - `baseline`: the same step written directly with `jax.jit` (bench_baseline.py),
-  and the ratio of our throughput to it.
+  and the ratio of our throughput to it;
+- `tf`: the same step in TensorFlow as the reference release runs it
+  (bench_tf_reference.py: oneDNN convolutions on x86 CPUs, no XLA), on the
+  host CPU, and the ratio of our throughput to it (meaningful when our step
+  runs on the same CPU).
 Output: a table, then one line `BENCH_JSON {...}` for scripts.
 
 `--weak_scaling=1,2,4,8` reruns the train bench in subprocesses on that many
@@ -56,7 +60,7 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                   lock_config=True)
   flags.DEFINE_list('what', ['train', 'input'],
-                    'Any of train, input, baseline (all: the three).')
+                    'Any of train, input, baseline, tf (all: the four).')
   flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).')
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
   flags.DEFINE_float('peak_tflops', None,
@@ -238,6 +242,26 @@ def bench_baseline(config, *, steps, warmup):
           'memory_bytes_per_device': device_memory_bytes(compiled)}
 
 
+def bench_tf_reference(config, *, steps, warmup):
+  """The same step in TensorFlow, as the reference runs it on CPU."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from simclr_jax import bench_tf_reference as reference  # pylint: disable=g-import-not-at-top
+  if config.dtype != 'float32':
+    raise ValueError('--what=tf compares float32 steps on the CPU; got '
+                     f'config.dtype={config.dtype!r}.')
+  step, _ = reference.from_config(config, NUM_CLASSES)
+  batch = synthetic_batch(config)
+  images = tf.constant(batch['image'])
+  labels = tf.constant(batch['label'])
+  start = time.perf_counter()
+  step.get_concrete_function(images, labels)
+  trace_s = time.perf_counter() - start
+  step_time, times, cpu_time = time_steps(
+      lambda: float(step(images, labels)[0]), steps=steps, warmup=warmup)
+  return {'trace_s': trace_s, 'step_s': step_time, 'step_times_s': times,
+          'step_cpu_s': cpu_time, **_rates(config, step_time, 1)}
+
+
 def bench_input(config, *, seconds, num_images=128):
   """Two-view images/s of the training preprocessing alone (no device work).
 
@@ -303,13 +327,14 @@ def print_report(results):
 def run(config, *, what=('train', 'input'), steps=5, warmup=1,
         peak_tflops=None, input_seconds=10.0):
   """Runs the requested benches; returns {'train': {...}, 'input': ..., ...}."""
-  what = ('train', 'input', 'baseline') if 'all' in what else tuple(what)
-  unknown = set(what) - {'train', 'input', 'baseline'}
+  allowed = ('train', 'input', 'baseline', 'tf')
+  what = allowed if 'all' in what else tuple(what)
+  unknown = set(what) - set(allowed)
   if unknown:
-    raise ValueError(f'--what: unknown {sorted(unknown)}; allowed train, '
-                     'input, baseline, all.')
+    raise ValueError(f'--what: unknown {sorted(unknown)}; allowed '
+                     f'{", ".join(allowed)}, all.')
   results = {}
-  if 'train' in what or 'baseline' in what:
+  if 'train' in what or 'baseline' in what or 'tf' in what:
     results['train'] = bench_train(config, steps=steps, warmup=warmup,
                                    peak_tflops=peak_tflops)
   if 'baseline' in what:
@@ -319,6 +344,11 @@ def run(config, *, what=('train', 'input'), steps=5, warmup=1,
     base['ours_vs_baseline_cpu'] = (base['step_cpu_s']
                                    / results['train']['step_cpu_s'])
     results['baseline'] = base
+  if 'tf' in what:
+    ref = bench_tf_reference(config, steps=steps, warmup=warmup)
+    ref['ours_vs_tf_throughput'] = ref['step_s'] / results['train']['step_s']
+    ref['ours_vs_tf_cpu'] = ref['step_cpu_s'] / results['train']['step_cpu_s']
+    results['tf_reference'] = ref
   if 'input' in what:
     results['input'] = bench_input(config, seconds=input_seconds)
     if 'train' in results:

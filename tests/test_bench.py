@@ -86,3 +86,31 @@ def test_baseline_runs_and_compares():
   results = bench.run(tiny_config(), what=('baseline',), steps=2, warmup=1)
   base = results['baseline']
   assert base['step_s'] > 0 and base['ours_vs_baseline_throughput'] > 0
+
+
+def test_tf_reference_step_is_the_baseline_computation():
+  """The TF yardstick (bench_tf_reference.py) computes what the plain-jax.jit
+  baseline does: from the same initial values and batch, the same NT-Xent
+  at step 0, and both losses fall as both train on that batch."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from simclr_jax import bench_baseline  # pylint: disable=g-import-not-at-top
+  from simclr_jax import bench_tf_reference  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  with config.unlocked():
+    config.train_batch_size = 8
+  batch = bench.synthetic_batch(config)
+  jax_step, state = bench_baseline.from_config(config, bench.NUM_CLASSES)
+  tf_step, _ = bench_tf_reference.from_config(config, bench.NUM_CLASSES)
+  jax_losses, tf_losses = [], []
+  for _ in range(3):
+    *state, (contrastive, _, _) = jax_step(*state, batch['image'],
+                                           batch['label'])
+    jax_losses.append(float(contrastive))
+    tf_losses.append(float(tf_step(tf.constant(batch['image']),
+                                   tf.constant(batch['label']))[1]))
+  np.testing.assert_allclose(tf_losses[0], jax_losses[0], rtol=1e-4)
+  assert tf_losses[-1] < tf_losses[0] and jax_losses[-1] < jax_losses[0]
+  results = bench.run(config, what=('train', 'tf'), steps=1, warmup=1)
+  assert results['tf_reference']['step_s'] > 0
+  assert results['tf_reference']['ours_vs_tf_throughput'] > 0

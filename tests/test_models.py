@@ -517,3 +517,111 @@ def test_bad_config_fails_fast():
     variable_shapes(make_model(train_mode='finetune', ft_proj_selector=4), 16)
   with pytest.raises(ValueError, match='depth'):
     variable_shapes(resnet.ResNet(42), 32)
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm: nn.BatchNorm's variables and numbers, folded form.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_batch_norm_equals_flax_batch_norm(use_bias):
+  rng = np.random.default_rng(0)
+  # Channels with a large mean relative to their spread: the folded form must
+  # not lose them to cancellation.
+  x = jnp.asarray(rng.normal(3.0, 0.5, (6, 5, 4, 7)), jnp.float32)
+  ours = resnet.BatchNorm(use_running_average=False, use_bias=use_bias)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9,
+                         epsilon=1e-5, use_bias=use_bias)
+  v_ours = ours.init(jax.random.PRNGKey(0), x)
+  v_flax = flax_bn.init(jax.random.PRNGKey(0), x)
+  assert (jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_flax))
+  params = {'scale': jnp.asarray(rng.uniform(0.5, 2.0, 7), jnp.float32)}
+  if use_bias:
+    params['bias'] = jnp.asarray(rng.normal(size=7), jnp.float32)
+  variables = {'params': params, 'batch_stats': v_flax['batch_stats']}
+
+  def run(module, x, params):
+    return module.apply({'params': params,
+                         'batch_stats': variables['batch_stats']}, x,
+                        mutable=['batch_stats'])
+
+  (y1, s1), (y2, s2) = run(ours, x, params), run(flax_bn, x, params)
+  np.testing.assert_allclose(y1, y2, atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1, s2)
+  # By hand: batch mean and biased variance per channel, decay 0.9.
+  mean, var = np.mean(x, (0, 1, 2)), np.var(x, (0, 1, 2))
+  np.testing.assert_allclose(s1['batch_stats']['mean'], 0.1 * mean, atol=1e-6)
+  np.testing.assert_allclose(s1['batch_stats']['var'], 0.9 + 0.1 * var,
+                             atol=1e-5)
+  # Gradients with respect to the input and the parameters.
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  grad = lambda m: jax.grad(lambda x, p: jnp.sum(run(m, x, p)[0] * weights),
+                            argnums=(0, 1))(x, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               grad(ours), grad(flax_bn))
+  # Inference mode uses the running statistics.
+  stats = {'mean': jnp.asarray(mean), 'var': jnp.asarray(var)}
+  apply_eval = lambda m: m.apply({'params': params, 'batch_stats': stats}, x)
+  np.testing.assert_allclose(
+      apply_eval(resnet.BatchNorm(use_running_average=True, use_bias=use_bias)),
+      apply_eval(nn.BatchNorm(use_running_average=True, epsilon=1e-5,
+                              use_bias=use_bias)), atol=2e-5)
+  # bfloat16 compute: within bf16 rounding of the float32 result.
+  y16, _ = run(resnet.BatchNorm(use_running_average=False, use_bias=use_bias,
+                                dtype=jnp.bfloat16), x.astype(jnp.bfloat16),
+               params)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), y2, atol=0.05,
+                             rtol=0.02)
+
+
+# ----------------------------------------------------------------------------
+# 1×1 convs as matmuls (the CPU lowering).
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('strides,padding', [((1, 1), 'SAME'),
+                                             ((2, 2), ((0, 0), (0, 0))),
+                                             ((1, 1), ((0, 0), (0, 0)))])
+def test_conv_1x1_as_dot_equals_lax_conv(strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 6, 4, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda f: (lambda x, w: f(x, w, strides, padding, dimension_numbers=dn))
+  ours, lax_conv = conv(resnet.conv_1x1_as_dot), conv(jax.lax.conv_general_dilated)
+  np.testing.assert_allclose(ours(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
+  # By hand: a 1×1 conv is a matmul over channels at the strided pixels.
+  np.testing.assert_allclose(
+      ours(x, w), np.asarray(x)[:, ::strides[0], ::strides[1]] @ np.asarray(w)[0, 0],
+      rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               loss(ours)(x, w), loss(lax_conv)(x, w))
+  # A 3×3 kernel or a padded 1×1 goes to lax.
+  w3 = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+  dn3 = jax.lax.conv_dimension_numbers(x.shape, w3.shape,
+                                       ('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(
+      resnet.conv_1x1_as_dot(x, w3, (1, 1), 'SAME', dimension_numbers=dn3),
+      jax.lax.conv_general_dilated(x, w3, (1, 1), 'SAME',
+                                   dimension_numbers=dn3), rtol=1e-6)
+  padded = ((1, 0), (0, 1))
+  np.testing.assert_allclose(
+      resnet.conv_1x1_as_dot(x, w, (1, 1), padded, dimension_numbers=dn),
+      jax.lax.conv_general_dilated(x, w, (1, 1), padded, dimension_numbers=dn),
+      rtol=1e-6)
+
+
+def test_resnet50_with_dots_equals_resnet50_with_convs(monkeypatch):
+  model = resnet.ResNet(50)
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 64, 64, 3)),
+                  jnp.float32)
+  variables = filled_variables(variable_shapes(model, 64))
+  assert resnet.one_by_one_convs_as_dots()  # Tests run on CPU.
+  apply = lambda: model.apply(variables, x, train=False)
+  # A new function each time: make_jaxpr caches traces by function.
+  count = lambda op: str(jax.make_jaxpr(lambda: apply())()).count(op)
+  with_dots, convs_with_dots = apply(), count('conv_general_dilated')
+  assert count('dot_general') == 16 * 2 + 4  # conv1, conv3 per block, shortcuts.
+  monkeypatch.setattr(resnet, 'one_by_one_convs_as_dots', lambda: False)
+  with_convs = apply()
+  assert count('conv_general_dilated') == convs_with_dots + 36
+  np.testing.assert_allclose(with_dots, with_convs, rtol=1e-4, atol=1e-5)

@@ -14,8 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from simclr_jax.models.resnet import BATCH_NORM_DECAY
-from simclr_jax.models.resnet import BATCH_NORM_EPSILON
+from simclr_jax.models.resnet import BatchNorm
 
 HEAD_KERNEL_INIT = nn.initializers.normal(stddev=0.01)
 
@@ -31,9 +30,8 @@ class DenseBN(nn.Module):
   def __call__(self, x, train: bool):
     x = nn.Dense(self.features, use_bias=False, kernel_init=HEAD_KERNEL_INIT,
                  dtype=self.dtype, param_dtype=jnp.float32, name='dense')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_DECAY,
-                     epsilon=BATCH_NORM_EPSILON, use_bias=self.use_bn_bias,
-                     dtype=self.dtype, param_dtype=jnp.float32, name='bn')(x)
+    x = BatchNorm(use_running_average=not train, use_bias=self.use_bn_bias,
+                  dtype=self.dtype, name='bn')(x)
     return nn.relu(x) if self.relu else x
 
 

@@ -50,6 +50,52 @@ def output_width(depth: int, width_multiplier: int = 1) -> int:
   return (512 if kind == 'basic' else 2048) * width_multiplier
 
 
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over all axes but the last, computed as x·mul + add.
+
+  Same variables (params `scale`, `bias`; batch_stats `mean`, `var`), the same
+  statistics (float32, Var = E[x²] − E[x]², clipped at 0) and the same
+  running-average update as `nn.BatchNorm(momentum, epsilon)`. The difference
+  is only the form of the normalisation: Flax computes (x − mean)·mul + bias
+  on the whole activation, we fold mean and bias into one per-channel add, so
+  XLA keeps only x for the backward pass. On the bench that made our step no
+  slower than the plain-jax.jit baseline (it had been 2-3% slower, with 48%
+  more memory; README, performance). The normalisation runs in float32 and
+  is cast to `dtype`: in bfloat16, x·mul and −mean·mul would cancel.
+  """
+  use_running_average: bool
+  momentum: float = BATCH_NORM_DECAY
+  epsilon: float = BATCH_NORM_EPSILON
+  use_bias: bool = True
+  scale_init: Any = nn.initializers.ones
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param('scale', self.scale_init, features, jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros, features, jnp.float32)
+            if self.use_bias else 0.0)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,
+                                 jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, features,
+                                jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        decay = self.momentum
+        running_mean.value = decay * running_mean.value + (1 - decay) * mean
+        running_var.value = decay * running_var.value + (1 - decay) * var
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    add = bias - mean * mul
+    return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
+
+
 def batch_norm(x, train: bool, *, name: str, relu: bool = True,
                zero_init: bool = False, dtype: Any = jnp.float32):
   """BatchNorm (+ ReLU) with the reference's decay, epsilon and gamma init.
@@ -57,15 +103,42 @@ def batch_norm(x, train: bool, *, name: str, relu: bool = True,
   Called inside a parent's `nn.compact` method, so the layer is a direct child
   of that parent (param path `.../name/scale`).
   """
-  x = nn.BatchNorm(
+  x = BatchNorm(
       use_running_average=not train,
-      momentum=BATCH_NORM_DECAY,
-      epsilon=BATCH_NORM_EPSILON,
       scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
       dtype=dtype,
-      param_dtype=jnp.float32,
       name=name)(x)
   return nn.relu(x) if relu else x
+
+
+def conv_1x1_as_dot(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                    rhs_dilation=None, dimension_numbers=None,
+                    feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for an unpadded 1×1 NHWC conv, as a matmul.
+
+  A 1×1 conv with stride s is x[:, ::s, ::s] @ W; XLA:CPU runs that dot
+  1.6-3× faster than the same convolution, forward and backward (measured
+  on ResNet-50 shapes). Anything else goes to lax.conv_general_dilated.
+  """
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        ('NHWC', 'HWIO', 'NHWC'))
+  unpadded = padding == 'SAME' or all(tuple(p) == (0, 0) for p in padding)
+  if (rhs.shape[:2] != (1, 1) or feature_group_count != 1 or not unpadded or
+      any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())) or
+      dimension_numbers != nhwc):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision)
+  sh, sw = window_strides
+  return jnp.einsum('nhwc,co->nhwo', lhs[:, ::sh, ::sw, :], rhs[0, 0],
+                    precision=precision)
+
+
+def one_by_one_convs_as_dots() -> bool:
+  """True where `conv_1x1_as_dot` is the faster lowering: XLA:CPU. On GPU
+  and TPU the convolution libraries already run 1×1 convs as GEMMs."""
+  return jax.default_backend() == 'cpu'
 
 
 def fixed_padding_conv(x, features: int, kernel_size: int, strides: int = 1, *,
@@ -74,6 +147,8 @@ def fixed_padding_conv(x, features: int, kernel_size: int, strides: int = 1, *,
 
   Matches the reference's `Conv2dFixedPadding`: the padding of a strided conv
   does not depend on the input size (TF's SAME would pad (0, 1) on even inputs).
+  1×1 convs run as matmuls on CPU (`conv_1x1_as_dot`); the parameter is the
+  same [1, 1, in, out] kernel either way.
   """
   if strides > 1:
     pad_total = kernel_size - 1
@@ -81,6 +156,7 @@ def fixed_padding_conv(x, features: int, kernel_size: int, strides: int = 1, *,
     padding = ((pad_beg, pad_total - pad_beg),) * 2
   else:
     padding = 'SAME'
+  as_dot = kernel_size == 1 and one_by_one_convs_as_dots()
   return nn.Conv(
       features, (kernel_size, kernel_size),
       strides=(strides, strides),
@@ -89,6 +165,7 @@ def fixed_padding_conv(x, features: int, kernel_size: int, strides: int = 1, *,
       kernel_init=conv_kernel_init,
       dtype=dtype,
       param_dtype=jnp.float32,
+      conv_general_dilated=conv_1x1_as_dot if as_dot else None,
       name=name)(x)
 
 
