@@ -82,6 +82,19 @@ def init(rng, arch, num_classes):
   return params, stats
 
 
+def residual_blocks(arch, x, conv_bn, relu):
+  """The blocks of `arch` on x, with the framework's conv_bn(name, x, k,
+  stride, relu) and relu (shared by this baseline and the TF yardstick)."""
+  for name, branch, short in arch['blocks']:
+    y = x
+    for i, (k, _, _, s) in enumerate(branch):
+      y = conv_bn(f'{name}/c{i}', y, k, s, i < len(branch) - 1)
+    if short:
+      x = conv_bn(f'{name}/short', x, 1, short[3], False)
+    x = relu(x + y)
+  return x
+
+
 def forward(params, stats, x, arch, dtype):
   """-> (h, z, logits, new BN statistics); training-mode BatchNorm."""
   new_stats = {}
@@ -117,13 +130,7 @@ def forward(params, stats, x, arch, dtype):
   if arch['pool']:
     x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                           'SAME')
-  for name, branch, short in arch['blocks']:
-    y = x
-    for i, (k, _, _, s) in enumerate(branch):
-      y = conv_bn(f'{name}/c{i}', y, k, s, i < len(branch) - 1)
-    if short:
-      x = conv_bn(f'{name}/short', x, 1, short[3], False)
-    x = jax.nn.relu(x + y)
+  x = residual_blocks(arch, x, conv_bn, jax.nn.relu)
   h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
   z = h.astype(dtype)
   for i in range(len(arch['head'])):

@@ -59,13 +59,7 @@ def make_step(arch, params, stats, *, temperature, weight_decay,
     x = conv_bn('stem', x, k, s, True)
     if arch['pool']:
       x = tf.nn.max_pool2d(x, 3, 2, 'SAME')
-    for name, branch, short in arch['blocks']:
-      y = x
-      for i, (k, _, _, s) in enumerate(branch):
-        y = conv_bn(f'{name}/c{i}', y, k, s, i < len(branch) - 1)
-      if short:
-        x = conv_bn(f'{name}/short', x, 1, short[3], False)
-      x = tf.nn.relu(x + y)
+    x = baseline.residual_blocks(arch, x, conv_bn, tf.nn.relu)
     h = tf.reduce_mean(x, [1, 2])
     z = h
     for i in range(len(arch['head'])):

@@ -31,7 +31,7 @@ and merges the candidates per query (`knn_predict_sharded`); it equals the
 single-device computation (`knn_predict`) up to ties in similarity.
 
 The pure math (`knn_predict`, `knn_predict_sharded`, `ridge_regression`,
-`ridge_predict`, `select_few_shot`, `topk_correct`) is separate from the
+`ridge_predict`, `select_few_shot`) is separate from the
 plumbing so that it is tested against numpy directly.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from simclr_jax import losses
 from simclr_jax import sharding as sharding_lib
 from simclr_jax.sharding import DATA_AXIS
 # Features are compared to numpy references and to each other across device
@@ -82,12 +83,6 @@ def default_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------
 # Pure math.
 # ----------------------------------------------------------------------------
-
-
-def l2_normalize(x, eps=1e-12):
-  """x / max(‖x‖₂, eps) along the last axis."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def _weighted_votes(top_sims, top_labels, *, temperature, num_classes):
@@ -232,13 +227,6 @@ def select_few_shot(labels, valid, shots, *, num_classes, seed):
   return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def topk_correct(logits, labels, k):
-  """Per example 1.0 if the label is among the k largest logits else 0.0."""
-  k = min(k, logits.shape[-1])
-  _, top = jax.lax.top_k(logits, k)
-  return jnp.any(top == labels[..., None], axis=-1).astype(jnp.float32)
-
-
 # ----------------------------------------------------------------------------
 # Features of a whole split, sharded.
 # ----------------------------------------------------------------------------
@@ -300,7 +288,7 @@ def extract_features(state, feature_fn: FeatureFn, batches: Iterable[dict],
 
 @jax.jit
 def _normalize_rows(x):
-  return l2_normalize(x)
+  return losses.l2_normalize(x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -443,8 +431,10 @@ def _fewshot_predict(train_x, train_labels, query_feats, *, num_classes,
 @jax.jit
 def _head_counts(logits, labels, mask):
   m = mask.astype(jnp.float32)
-  return (jnp.sum(topk_correct(logits, labels, 1) * m),
-          jnp.sum(topk_correct(logits, labels, 5) * m), jnp.sum(m))
+  # losses.topk_correct: a tie at the k-th place counts as correct, as
+  # tf.math.in_top_k (the reference's top-k accuracy) counts it.
+  return (jnp.sum(losses.topk_correct(logits, labels, 1) * m),
+          jnp.sum(losses.topk_correct(logits, labels, 5) * m), jnp.sum(m))
 
 
 class LinearHeadEvaluator(Evaluator):

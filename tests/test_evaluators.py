@@ -169,18 +169,6 @@ def test_select_few_shot_is_seeded_nested_and_skips_padding():
   assert not np.array_equal(five, other)
 
 
-def test_topk_correct():
-  logits = jnp.array([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3],
-                      [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-  labels = jnp.array([1, 5])
-  np.testing.assert_array_equal(evaluators.topk_correct(logits, labels, 1),
-                                [0, 0])
-  np.testing.assert_array_equal(evaluators.topk_correct(logits, labels, 3),
-                                [1, 0])
-  np.testing.assert_array_equal(evaluators.topk_correct(logits, labels, 5),
-                                [1, 0])
-
-
 # ---------------------------------------------------------------------------
 # Evaluators end to end, with a fake model and fake data.
 # ---------------------------------------------------------------------------

@@ -134,6 +134,21 @@ def test_softmax_cross_entropy_and_topk_match_numpy():
   assert 0 < losses.topk_correct(logits, labels, 1).sum() < 10
 
 
+def test_topk_correct_ties_follow_tf_in_top_k():
+  """A label tied at the k-th place counts as correct, as the reference's
+  tf.math.in_top_k counts it (lax.top_k would break the tie by index)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logits = np.array([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3],
+                     [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                     [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+  labels = np.array([1, 5, 2], np.int32)
+  for k, want in ((1, [0, 0, 1]), (3, [1, 1, 1]), (5, [1, 1, 1])):
+    got = losses.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        got, tf.math.in_top_k(labels, logits, k).numpy().astype(np.float32))
+
+
 # --- sharded: 8 devices, negatives gathered over the 'data' axis --------------
 
 def _walk_avals(jaxpr):

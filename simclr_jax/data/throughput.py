@@ -22,14 +22,20 @@ Two figures are printed: views/s of wall time (what a host delivers, but on
 a shared host it depends on the other processes' load) and views per
 CPU-second of this process (the work per view, comparable across loads).
 
-Measured on the 2-core dev machine, 2026-11-25, load average 6-13 (other
-sessions running), smooth 256² JPEGs, no blur, best of 3 × 6 s:
-  224 px: simclr_jax 607 views/s (643 per CPU-s), reference 523 (627)
-   32 px: simclr_jax 2,107 views/s (2,820 per CPU-s), reference 2,507 (2,960)
-i.e. parity with the reference per CPU-second; the 2× goal is not reached.
-Per 224 px view the CPU goes to: bicubic resize ≈ 0.65 ms, TF's
-adjust_hue / adjust_saturation ≈ 0.6 ms each (p = 0.8), JPEG decode ≈ 0.2 ms
-(shared by both views), blur (when on) ≈ 0.8 ms.
+`color_on_device=True` (`--color_on_device`) times the host side of
+`color_augment='device'`: decode, crop, flip, resize and the views' keys; the
+colour jitter, grayscale and blur then run in the train step.
+
+Measured on the 2-core dev machine, 2026-11-25 evening (quiet), 224 px, no
+blur, best of 3 × 6 s, views/s (per CPU-second):
+  smooth JPEGs: reference 1,656 (833); ours, colour in tf.data 1,516 (762);
+                ours, colour on device 3,125 (1,574), 1.89× the reference
+  noise JPEGs:  reference 1,023 (515); ours 1,038 (523); colour on device
+                2,643 (1,331), 2.58×
+  32 px from 32×32 JPEGs: ours 13,423, reference 14,751.
+Per 224 px view the host's CPU goes to: JPEG decode ≈ 0.22 ms (once for both
+views), crop + bicubic resize ≈ 0.40 ms, colour jitter + grayscale ≈ 0.7 ms
+(TF's HSV kernels), blur (when on) ≈ 0.8 ms.
 """
 import functools
 import os
