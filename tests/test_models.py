@@ -279,7 +279,11 @@ def test_remat_block_same_output_and_grads():
       variables['params'])
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Recomputation changes XLA's fusion and so the rounding: tolerance on
+    # the scale of each gradient tensor (entries near 0 in a tensor of
+    # magnitude ~20 differ in their 5th significant digit).
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(np.max(np.abs(b))) + 1e-6)
 
 
 @pytest.mark.slow
@@ -294,7 +298,11 @@ def test_remat_resnet_same_output_and_grads():
       variables['params'])
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Recomputation changes XLA's fusion and so the rounding: tolerance on
+    # the scale of each gradient tensor (entries near 0 in a tensor of
+    # magnitude ~20 differ in their 5th significant digit).
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(np.max(np.abs(b))) + 1e-6)
 
 
 # ---------------------------------------------------------------------------
