@@ -27,7 +27,9 @@ devices or hosts, and a resumed run redraws exactly the same ones.
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('simclrv1', 'simclrv2')
+from simclr_jax import configlib
+
+IMPLS = configlib.AUGMENTATION_IMPLS
 JITTER_PROB = 0.8
 GRAYSCALE_PROB = 0.2
 BLUR_PROB = 0.5

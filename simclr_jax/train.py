@@ -146,6 +146,13 @@ def make_contrastive_loss(config, mesh) -> Callable:
                        out_specs=P())
 
 
+def distort_on_device(images, keys, config):
+  """color_augment='device': the config's colour jitter, grayscale and blur."""
+  return device_augment.distort_views(
+      images, keys, strength=config.color_jitter_strength,
+      impl=config.augmentation_impl, blur=config.use_blur)
+
+
 def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
   """The jitted update: (state, global batch) -> (state, metrics).
 
@@ -164,9 +171,7 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
     step_rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch['image'], batch['label']
     if color_on_device:
-      images = device_augment.distort_views(
-          images, batch['augment_key'], strength=config.color_jitter_strength,
-          impl=config.augmentation_impl, blur=config.use_blur)
+      images = distort_on_device(images, batch['augment_key'], config)
     if mode == 'pretrain':
       # [N, 2, ...] -> [2N, ...]: image i's views at rows 2i, 2i+1, so each
       # device keeps the views of its own images (no resharding).
@@ -487,10 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     writer.write_hparams(flat_hparams(config))
     views = first_batch['image'][:8]
     if 'augment_key' in first_batch:  # color_augment='device': as trained on.
-      views = device_augment.distort_views(
-          views, first_batch['augment_key'][:8],
-          strength=config.color_jitter_strength,
-          impl=config.augmentation_impl, blur=config.use_blur)
+      views = distort_on_device(views, first_batch['augment_key'][:8], config)
     writer.write_images(0, {'augmented_views': view_grid(np.asarray(views))})
   writer.write_scalars(start_step, {'compile_time_s': compile_time})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
