@@ -40,7 +40,8 @@ def architecture(depth, width, cifar_stem, num_proj_layers, proj_out_dim):
         branch = [(1, cin, f, 1), (3, f, f, s), (1, f, cout, 1)]
       else:
         branch = [(3, cin, f, s), (3, f, f, 1)]
-      short = (1, cin, cout, s) if (s > 1 or cin != cout) else None
+      # The first block of a group has a projection shortcut (reference).
+      short = (1, cin, cout, s) if j == 0 else None
       blocks.append((f'g{g}b{j}', branch, short))
       cin = cout
   head = [cin] * (num_proj_layers - 1) + [proj_out_dim]

@@ -66,12 +66,28 @@ def random_images(n, size=32, seed=0):
     (50, 1, 23_508_032),
     (50, 2, 93_907_072),
     (50, 4, 375_378_176),
-    (18, 1, 11_176_512),
+    (18, 1, 11_180_736),
 ])
-def test_backbone_param_count_matches_design(depth, width, expected):
-  # DESIGN §3: conv kernels + BN γ, β, ImageNet stem, no classifier.
+def test_backbone_param_count_matches_reference(depth, width, expected):
+  # Conv kernels + BN γ, β, ImageNet stem, no classifier, counted from the
+  # reference release's Keras model (tf2/resnet.py).
   shapes = variable_shapes(resnet.ResNet(depth, width), 224, batch=1)
   assert num_params(shapes['params']) == expected
+
+
+def test_resnet18_first_block_has_projection_shortcut_like_reference():
+  # The reference gives the first block of every group a 1x1 conv + BN
+  # shortcut, also in group 1 where 64 -> 64 channels: 64·64 + 2·64 = 4,224
+  # parameters more than torchvision's 11,176,512.
+  params = variable_shapes(resnet.ResNet(18, cifar_stem=True), 32)['params']
+  for group in (1, 2, 3, 4):
+    assert 'shortcut' in params[f'block_group{group}_block0']
+    assert 'shortcut' not in params[f'block_group{group}_block1']
+  assert params['block_group1_block0']['shortcut']['conv']['kernel'].shape == (
+      1, 1, 64, 64)
+  # CIFAR stem: 3x3x3x64 instead of 7x7x3x64.
+  assert num_params(params) == 11_180_736 - (7 * 7 - 3 * 3) * 3 * 64
+  assert num_params(params) == 11_173_056
 
 
 @pytest.mark.parametrize('width,expected', [(1, 35_215_584),
@@ -150,7 +166,7 @@ def test_stems_and_shortcuts_structure():
 def test_bottleneck_strides_on_3x3_conv():
   # Spatial size halves inside the 3x3 conv (v1.5 as the reference), which
   # shows in the shapes of intermediate activations.
-  block = resnet.BottleneckBlock(16, 2)
+  block = resnet.BottleneckBlock(16, 2, use_projection=True)
   x = jnp.ones((1, 8, 8, 32))
   # Shapes only: eval_shape traces init and apply without compiling.
   _, state = jax.eval_shape(
@@ -168,7 +184,7 @@ def test_bottleneck_strides_on_3x3_conv():
     (resnet.BottleneckBlock, {'sk_ratio': 0.0625}, 'bn3'),
 ])
 def test_last_batchnorm_gamma_zero_initialised(block, kwargs, last_bn):
-  module = block(32, 2, **kwargs)
+  module = block(32, 2, use_projection=True, **kwargs)
   x = jnp.ones((2, 8, 8, 16))
   variables = jax.jit(lambda x: module.init(jax.random.PRNGKey(0), x,
                                             train=False))(x)
@@ -270,8 +286,8 @@ def test_remat_wraps_every_block_and_keeps_params():
 def test_remat_block_same_output_and_grads():
   # One block as ResNet wraps it (train passed positionally, static).
   x = random_images(2, 8)
-  plain = resnet.BasicBlock(8, 2)
-  rematted = nn.remat(resnet.BasicBlock, static_argnums=(2,))(8, 2)
+  plain = resnet.BasicBlock(8, 2, use_projection=True)
+  rematted = nn.remat(resnet.BasicBlock, static_argnums=(2,))(8, 2, True)
   variables = filled_variables(variable_shapes(plain, 8))
   l1, g1 = jax.jit(jax.value_and_grad(remat_loss(plain, variables, x)))(
       variables['params'])

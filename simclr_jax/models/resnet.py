@@ -14,12 +14,12 @@ Follows the reference release's `tf2/resnet.py` (google-research/simclr):
   projection shortcut becomes avg-pool + 1x1 conv (ResNet-D);
 - `cifar_stem`: a single 3x3 stride-1 conv and no max-pool.
 
-One deliberate difference: a projection shortcut (1x1 conv + BN) is used only
-where the block changes the shape (stride or channel count). The reference also
-puts one on the first basic block of ResNet-18/34, where the shape does not
-change; without it ResNet-18 has the standard 11,176,512 backbone parameters
-(DESIGN §3). Bottleneck networks are unaffected (their first block always
-changes the channel count), so ResNet-50 1x has 23,508,032 as in the reference.
+As in the reference, the first block of every block group has a projection
+shortcut (1x1 conv + BN), also where the shape does not change (block group 1
+of the basic-block ResNet-18/34). That makes ResNet-18 4,224 parameters larger
+than torchvision's (11,180,736 backbone parameters with the ImageNet stem); the
+bottleneck networks' first blocks change the channel count anyway (ResNet-50
+1x: 23,508,032).
 """
 from typing import Any, Sequence
 
@@ -234,16 +234,21 @@ class ProjectionShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convs: `relu(x_short + BN(conv(relu(BN(conv(x))))))`."""
+  """Two 3x3 convs: `relu(x_short + BN(conv(relu(BN(conv(x))))))`.
+
+  `use_projection`: the shortcut is a 1x1 conv + BN (the first block of each
+  group, as the reference), else the identity.
+  """
   filters: int
   strides: int
+  use_projection: bool = False
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
-    if self.strides > 1 or x.shape[-1] != self.filters:
+    if self.use_projection:
       shortcut = ProjectionShortcut(self.filters, self.strides,
                                     resnet_d=self.sk_ratio > 0,
                                     dtype=self.dtype, name='shortcut')(x, train)
@@ -258,16 +263,20 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 (filters) -> 3x3 (filters, strided; SK if sk_ratio > 0) -> 1x1 (4·filters)."""
+  """1x1 (filters) -> 3x3 (filters, strided; SK if sk_ratio > 0) -> 1x1 (4·filters).
+
+  `use_projection` as in BasicBlock.
+  """
   filters: int
   strides: int
+  use_projection: bool = False
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
-    if self.strides > 1 or x.shape[-1] != 4 * self.filters:
+    if self.use_projection:
       shortcut = ProjectionShortcut(4 * self.filters, self.strides,
                                     resnet_d=self.sk_ratio > 0,
                                     dtype=self.dtype, name='shortcut')(x, train)
@@ -345,7 +354,8 @@ class ResNet(nn.Module):
       group_train = train and self.fine_tune_after_block < group
       for j in range(num_blocks):
         strides = 2 if (group > 1 and j == 0) else 1
-        x = block_cls(filters, strides, sk_ratio=self.sk_ratio,
+        x = block_cls(filters, strides, use_projection=j == 0,
+                      sk_ratio=self.sk_ratio,
                       dtype=self.dtype,
                       name=f'block_group{group}_block{j}')(x, group_train)
       if self.fine_tune_after_block == group:
