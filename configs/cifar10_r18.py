@@ -4,11 +4,11 @@ The reference README's CIFAR-10 command: batch 512, 1000 epochs, LARS lr 1.0
 (linear scaling), wd 1e-4, τ 0.5, color jitter 0.5, no blur, 32 px, default
 3-layer head; it reports ≈91% linear eval (fine-tuned head on frozen features).
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.dataset = 'cifar10'
   config.train_split = 'train'
   config.eval_split = 'test'
@@ -33,4 +33,4 @@ def get_config():
   config.checkpoint_every_steps = 2000
   config.eval_every_steps = 5000
   config.log_every_steps = 50
-  return configlib.lock(config)
+  return config_lib.lock(config)

@@ -4,11 +4,11 @@ Batch 1024, τ 0.5, color jitter 0.5, no blur, 32 px (CIFAR stem: 3×3 stride-1
 conv, no max-pool), LARS lr 1.0·B/256, wd 1e-4 (reference README), 1000 epochs,
 2-layer projection head as in v1. Paper: 94.0% linear eval.
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.dataset = 'cifar10'
   config.train_split = 'train'
   config.eval_split = 'test'
@@ -34,4 +34,4 @@ def get_config():
   config.checkpoint_every_steps = 2000
   config.eval_every_steps = 5000
   config.log_every_steps = 50
-  return configlib.lock(config)
+  return config_lib.lock(config)

@@ -10,11 +10,11 @@ split and its test accuracy is printed next to the same probe on a randomly
 initialised network, and on the raw pixels for reference. 8 px keeps a step
 cheap on a CPU (the digits stay recognisable: the raw-pixel probe is ~75%).
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.dataset = 'mnist_offline'
   config.train_split = 'train'
   config.eval_split = 'test'
@@ -44,5 +44,8 @@ def get_config():
   config.eval_every_steps = 0
   config.log_every_steps = 10
   config.num_profile_steps = 0
-  config.probe_train_examples = 4000
-  return configlib.lock(config)
+  # The linear probe at the end, beside the same probe on a random network
+  # and on the raw pixels.
+  config.evals.probe = dict(train_examples=4000,
+                            baselines=('random_init', 'raw_pixels'))
+  return config_lib.lock(config)

@@ -6,11 +6,11 @@ projection layer (ft_proj_selector=1); LARS lr 0.005·√B, no weight decay,
 batch 1024, crop + flip only, no warmup. Start it from a pretraining run:
   --config.init_checkpoint=/path/to/pretrain/workdir
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.train_mode = 'finetune'
   config.init_checkpoint = ''  # Required: set on the command line.
   config.dataset = 'imagenet2012_subset/10pct'
@@ -34,4 +34,4 @@ def get_config():
   config.checkpoint_every_steps = 500
   config.eval_every_steps = 1000
   config.log_every_steps = 50
-  return configlib.lock(config)
+  return config_lib.lock(config)

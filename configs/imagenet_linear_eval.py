@@ -1,4 +1,4 @@
-"""Linear evaluation on ImageNet of a pretrained backbone (DESIGN §4).
+"""Linear evaluation on ImageNet of a pretrained backbone.
 
 Frozen backbone (BatchNorm in inference mode, no global BN), a linear
 classifier on the pooled representation trained with Nesterov momentum,
@@ -6,11 +6,11 @@ lr 0.1·B/256, wd 1e-6, 90 epochs, no warmup, crop + flip augmentation only.
 Start it from a pretraining run:
   --config.init_checkpoint=/path/to/pretrain/workdir
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.train_mode = 'linear_eval'
   config.init_checkpoint = ''  # Required: set on the command line.
   config.dataset = 'imagenet2012'
@@ -31,4 +31,4 @@ def get_config():
   config.dtype = 'bfloat16'
   config.checkpoint_every_steps = 2500
   config.eval_every_steps = 5000
-  return configlib.lock(config)
+  return config_lib.lock(config)

@@ -5,11 +5,11 @@ SimCLRv2 (Chen et al., NeurIPS 2020) and the reference's v2 README: SK ratio
 lr 0.1·√B = 6.4 at B=4096, wd 1e-4, τ 0.1, 800 epochs; fine-tuning then starts
 from the first projection layer (ft_proj_selector=1). bfloat16 compute.
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.dataset = 'imagenet2012'
   config.image_size = 224
   config.train_batch_size = 4096
@@ -36,4 +36,4 @@ def get_config():
   config.dtype = 'bfloat16'
   config.checkpoint_every_steps = 2500
   config.eval_every_steps = 10000
-  return configlib.lock(config)
+  return config_lib.lock(config)

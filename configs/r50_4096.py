@@ -1,4 +1,4 @@
-"""SimCLR v1 ImageNet pretraining, the paper's recipe (DESIGN §4).
+"""SimCLR v1 ImageNet pretraining, the paper's recipe.
 
 ResNet-50 1×, global batch 4096, 100 epochs (`--config.train_epochs=800` or
 1000 for the longer runs), LARS lr 0.3·B/256 = 4.8, wd 1e-6, τ 0.1, 10 warmup
@@ -6,11 +6,11 @@ epochs, color jitter 1.0 + blur, 224 px, 3-layer projection head to 128-d,
 linear eval while pretraining (stop-gradient head). bfloat16 compute, float32
 parameters (TPU/GPU). Expected linear eval top-1 at 100 epochs: 64.6%.
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.dataset = 'imagenet2012'
   config.train_split = 'train'
   config.eval_split = 'validation'
@@ -39,4 +39,4 @@ def get_config():
   config.checkpoint_every_steps = 2500
   config.eval_every_steps = 5000
   config.log_every_steps = 100
-  return configlib.lock(config)
+  return config_lib.lock(config)

@@ -3,11 +3,11 @@
 SGD with momentum 0.9, lr 0.1·B/256, wd 1e-4, cosine decay after 5 warmup
 epochs, 90 epochs, batch 4096, crop + flip augmentation. bfloat16 compute.
 """
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 
 
 def get_config():
-  config = configlib.base_config()
+  config = config_lib.base_config()
   config.train_mode = 'supervised'
   config.dataset = 'imagenet2012'
   config.image_size = 224
@@ -25,4 +25,4 @@ def get_config():
   config.dtype = 'bfloat16'
   config.checkpoint_every_steps = 2500
   config.eval_every_steps = 5000
-  return configlib.lock(config)
+  return config_lib.lock(config)

@@ -1,7 +1,7 @@
 """Losses and metrics: NT-Xent (SimCLR), supervised cross-entropy, top-k.
 
 All functions are pure. The contrastive loss follows the reference release
-(google-research/simclr `tf2/objective.py`), DESIGN.md §3:
+(google-research/simclr `tf2/objective.py`):
 
   h = l2_normalize(z)                              (if hidden_norm)
   for local anchor i with global index g = i + rank * n:
@@ -38,7 +38,7 @@ def nt_xent_loss(
     hidden_norm: bool = True,
     axis_name: Optional[Any] = None,
 ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """NT-Xent contrastive loss of two views, reference convention (DESIGN §3).
+  """NT-Xent contrastive loss of two views, reference convention.
 
   Args:
     z1: `[n, d]` projections of view 1 of the n local images.

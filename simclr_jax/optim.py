@@ -1,5 +1,6 @@
 """Optimizers and learning-rate schedule (reference `tf2/lars_optimizer.py`,
-`tf2/model.py`), DESIGN.md §3. Built from optax transformations only.
+`tf2/model.py`). Built from optax transformations only; which parameters are
+decayed, adapted or frozen is decided here, from their pytree paths.
 
 LARS, classic momentum, per parameter tensor w with gradient g:
   g <- g + wd·w                                     (unless excluded)
@@ -24,11 +25,13 @@ lr(t) = t/warmup·scaled for t < warmup, then cosine from scaled to 0 over
 total − warmup steps (0 afterwards).
 """
 import re
-from typing import Any, Dict
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from simclr_jax import config as config_lib
 
 SUPERVISED_HEAD = 'supervised_head'
 # BatchNorm module names in simclr_jax.models (bn, bn1, gate_bn, ...) and
@@ -90,14 +93,6 @@ def lars(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
                     nesterov=nesterov)
 
 
-def schedule_steps(*, batch_size: int, num_examples: int, train_epochs: float,
-                   warmup_epochs: float, train_steps: int = 0) -> Dict[str, int]:
-  """`warmup` and `total` steps exactly as the reference computes them."""
-  warmup = int(round(warmup_epochs * num_examples // batch_size))
-  total = int(train_steps or num_examples * train_epochs // batch_size + 1)
-  return dict(warmup_steps=warmup, total_steps=total)
-
-
 def scale_learning_rate(base_learning_rate: float, batch_size: int,
                         scaling: str = 'linear') -> float:
   """lr·B/256 (linear) or lr·√B (sqrt)."""
@@ -120,9 +115,10 @@ def warmup_cosine(base_learning_rate: float, *, batch_size: int,
   divide by zero or a negative count there).
   """
   scaled = scale_learning_rate(base_learning_rate, batch_size, scaling)
-  steps = schedule_steps(batch_size=batch_size, num_examples=num_examples,
-                         train_epochs=train_epochs, warmup_epochs=warmup_epochs,
-                         train_steps=train_steps)
+  steps = config_lib.schedule_steps(
+      batch_size=batch_size, num_examples=num_examples,
+      train_epochs=train_epochs, warmup_epochs=warmup_epochs,
+      train_steps=train_steps)
   warmup = steps['warmup_steps']
   decay_steps = max(steps['total_steps'] - warmup, 1)
   cosine = optax.cosine_decay_schedule(scaled, decay_steps, alpha=0.0)
@@ -133,7 +129,7 @@ def warmup_cosine(base_learning_rate: float, *, batch_size: int,
 
 
 def create_learning_rate_schedule(config, num_examples: int) -> optax.Schedule:
-  """warmup_cosine from the config's flat keys (DESIGN §4)."""
+  """warmup_cosine from the config's keys."""
   return warmup_cosine(
       config.learning_rate,
       batch_size=config.train_batch_size,
@@ -144,8 +140,8 @@ def create_learning_rate_schedule(config, num_examples: int) -> optax.Schedule:
       train_steps=config.train_steps)
 
 
-def create_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
-                     ) -> optax.GradientTransformation:
+def base_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
+                   ) -> optax.GradientTransformation:
   """`config.optimizer`: lars | momentum | adam (reference `build_optimizer`).
 
   - lars: `lars()` with config.momentum, weight_decay, lars_eeta.
@@ -155,21 +151,54 @@ def create_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
   """
   name = config.optimizer
   weight_decay = config.weight_decay
-  get = config.get
   if name == 'lars':
     return lars(learning_rate_fn, weight_decay=weight_decay,
-                momentum=config.momentum, eeta=get('lars_eeta', 1e-3))
+                momentum=config.momentum, eeta=config.lars_eeta)
   if name == 'momentum':
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=l2_decay_mask),
         optax.scale_by_learning_rate(learning_rate_fn),
-        optax.trace(decay=config.momentum, nesterov=get('nesterov', False)))
+        optax.trace(decay=config.momentum, nesterov=config.nesterov))
   if name == 'adam':
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=l2_decay_mask),
         optax.adam(learning_rate_fn))
-  raise ValueError(f"Unknown optimizer {name!r}; expected 'lars', 'momentum' "
-                   "or 'adam'.")
+  raise ValueError(f"Unknown optimizer {name!r}; expected one of "
+                   f"{config_lib.OPTIMIZERS}.")
+
+
+def trainable_labels(params, config) -> Any:
+  """'train' or 'frozen' per parameter leaf, decided by its path.
+
+  linear_eval: only `supervised_head` trains. finetune with
+  `fine_tune_after_block = k >= 0`: the stem (block 0) and block groups 1..k
+  stay fixed. The model already stops their gradients; freezing them in the
+  optimizer too keeps weight decay and momentum from moving them.
+  """
+  mode, after = config.train_mode, config.fine_tune_after_block
+
+  def label(path, _):
+    names = _path_names(path)
+    if mode == 'linear_eval':
+      return 'train' if SUPERVISED_HEAD in names else 'frozen'
+    if mode == 'finetune' and after >= 0 and names[0] == 'resnet':
+      match = re.match(r'block_group(\d+)', names[1])
+      block = int(match.group(1)) if match else 0  # 0: the stem.
+      return 'frozen' if block <= after else 'train'
+    return 'train'
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def create_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
+                     ) -> optax.GradientTransformation:
+  """`base_optimizer`, with the parameters the mode freezes set to zero."""
+  tx = base_optimizer(config, learning_rate_fn)
+  if config.train_mode in ('linear_eval', 'finetune'):
+    tx = optax.multi_transform(
+        {'train': tx, 'frozen': optax.set_to_zero()},
+        lambda params: trainable_labels(params, config))
+  return tx
 
 
 def supervised_head_l2(params, weight_decay: float) -> jax.Array:

@@ -1,34 +1,30 @@
-"""SimCLR training: pretraining, linear evaluation, fine-tuning, supervised.
+"""SimCLR training: the train state, the update step and the run.
 
-One run, top to bottom, in `train_and_evaluate(config, workdir)`:
-  mesh -> input pipeline -> model and optimizer -> train state (fresh, from
-  `init_checkpoint`, or resumed from the workdir) -> jitted update step ->
-  writers and periodic actions -> loop (log, checkpoint, evaluate, preemption)
-  -> final evaluation, backbone export and the demo's linear probe.
+`train_and_evaluate(config, workdir)` tells one run top to bottom:
+  mesh -> data and model -> optimizer -> train state (fresh, resumed from the
+  workdir, or from `init_checkpoint`) -> the jitted update step, compiled
+  ahead of the loop -> writers and evaluators -> the loop, whose periodic jobs
+  are named below (log, checkpoint, evaluate, preemption) -> one ending path
+  for a finished and a preempted run.
 
 Sharding: `jax.jit` over a 1-D 'data' Mesh (sharding.py). The batch is a global
 array split on its leading axis, everything else is replicated, so BatchNorm
 statistics are over the global batch by construction. The NT-Xent loss runs in
 `jax.shard_map` over 'data': each device gathers the projections of all
-devices and holds only its own rows of the logits, O(n·N) memory (DESIGN §3).
+devices and holds only its own rows of the logits, O(n·N) memory.
 
 Determinism: the data order and augmentation are functions of (seed, step)
 (data/pipeline.py), and the step RNG is `fold_in(state.rng, state.step)`, so a
 run resumed from a checkpoint at step k continues bit for bit like a run that
 never stopped.
 """
-import functools
-import re
-import signal
-import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -37,13 +33,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from simclr_jax import checkpoint
-from simclr_jax import configlib
-from simclr_jax import device_augment
+from simclr_jax import config as config_lib
+from simclr_jax import evaluators
 from simclr_jax import losses
 from simclr_jax import models
 from simclr_jax import optim
+from simclr_jax import preflight
 from simclr_jax import sharding
+from simclr_jax.data import device_augment
+from simclr_jax.runtime import checkpoint
+from simclr_jax.runtime import preemption
+from simclr_jax.runtime import reporting
 
 
 class TrainState(train_state.TrainState):
@@ -52,42 +52,16 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
+class Result(NamedTuple):
+  """What a run ends with: its state, the final evaluation, how it ended."""
+  state: TrainState
+  metrics: Dict[str, float]
+  preempted: bool
+
+
 # ----------------------------------------------------------------------------
-# Model, optimizer, state.
+# Train state.
 # ----------------------------------------------------------------------------
-def trainable_labels(params, config) -> Any:
-  """'train' or 'frozen' per parameter leaf, decided by its path.
-
-  linear_eval: only `supervised_head` trains. finetune with
-  `fine_tune_after_block = k >= 0`: the stem (block 0) and block groups 1..k
-  stay fixed. The model already stops their gradients; freezing them in the
-  optimizer too keeps weight decay and momentum from moving them.
-  """
-  mode, after = config.train_mode, config.fine_tune_after_block
-
-  def label(path, _):
-    names = [str(getattr(k, 'key', k)) for k in path]
-    if mode == 'linear_eval':
-      return 'train' if 'supervised_head' in names else 'frozen'
-    if mode == 'finetune' and after >= 0 and names[0] == 'resnet':
-      match = re.match(r'block_group(\d+)', names[1])
-      block = int(match.group(1)) if match else 0  # 0: the stem.
-      return 'frozen' if block <= after else 'train'
-    return 'train'
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  """optim.create_optimizer, with the frozen parameters' updates set to zero."""
-  tx = optim.create_optimizer(config, learning_rate_fn)
-  if config.train_mode in ('linear_eval', 'finetune'):
-    tx = optax.multi_transform(
-        {'train': tx, 'frozen': optax.set_to_zero()},
-        functools.partial(trainable_labels, config=config))
-  return tx
-
-
 def create_train_state(config, model, tx, rng) -> TrainState:
   """Initialises variables (on a dummy batch) and the optimizer state."""
   init_rng, state_rng = jax.random.split(rng)
@@ -117,12 +91,13 @@ def load_init_checkpoint(state: TrainState, config, mesh) -> TrainState:
       what='batch_stats')
   if config.zero_init_logits_layer and 'supervised_head' in params:
     params = dict(params)
-    params['supervised_head'] = jax.tree.map(jnp.zeros_like,
+    params['supervised_head'] = jax.tree.map(np.zeros_like,
                                              params['supervised_head'])
   # Optimizer state restarts: its moments belong to the old objective.
-  return sharding.replicate(
-      state.replace(params=params, batch_stats=batch_stats,
-                    opt_state=state.tx.init(params)), mesh)
+  params = sharding.replicate(params, mesh)
+  return state.replace(params=params,
+                       batch_stats=sharding.replicate(batch_stats, mesh),
+                       opt_state=jax.jit(state.tx.init)(params))
 
 
 # ----------------------------------------------------------------------------
@@ -161,18 +136,16 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
   grayscale and blur itself); other modes: image [N, H, W, 3]. The state
   buffers are donated (updated in place).
   """
-  mode = config.train_mode
+  pretrain = config.train_mode == 'pretrain'
   contrastive_loss = make_contrastive_loss(config, mesh)
-  color_on_device = (mode == 'pretrain' and configlib.get_override(
-      config, 'color_augment', 'host') == 'device')
-  skip_nonfinite = configlib.get_override(config, 'skip_nonfinite_steps', False)
+  color_on_device = pretrain and config.color_augment == 'device'
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch['image'], batch['label']
     if color_on_device:
       images = distort_on_device(images, batch['augment_key'], config)
-    if mode == 'pretrain':
+    if pretrain:
       # [N, 2, ...] -> [2N, ...]: image i's views at rows 2i, 2i+1, so each
       # device keeps the views of its own images (no resharding).
       n = images.shape[0]
@@ -180,16 +153,18 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
       labels = jnp.repeat(labels, 2)
 
     def loss_fn(params):
-      (_, z, logits), new_vars = model.apply(
+      outputs, new_vars = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, images,
           train=True, mutable=['batch_stats'], rngs={'dropout': step_rng})
       loss, metrics = 0.0, {}
-      if mode == 'pretrain':
-        con_loss, con_metrics = contrastive_loss(z.reshape(n, 2, -1))
+      if pretrain:
+        con_loss, con_metrics = contrastive_loss(
+            outputs['projection'].reshape(n, 2, -1))
         loss += con_loss
         metrics.update(contrastive_loss=con_loss, **con_metrics)
-      if logits is not None:
+      if 'logits' in outputs:
         # Linear head on both views (pretrain) or the classifier (others).
+        logits = outputs['logits']
         sup_loss = losses.softmax_cross_entropy(logits, labels)
         metrics['supervised_loss'] = sup_loss
         metrics['supervised_acc'] = jnp.mean(
@@ -205,7 +180,7 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
     metrics.update(learning_rate=learning_rate_fn(state.step),
                    weight_norm=optax.global_norm(state.params),
                    grad_norm=optax.global_norm(grads))
-    if skip_nonfinite:
+    if config.skip_nonfinite_steps:
       # A non-finite loss or gradient leaves params, batch statistics and
       # optimizer state as they were; the step (and so the data) moves on.
       finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
@@ -221,252 +196,144 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
 
 
 # ----------------------------------------------------------------------------
-# Evaluation: top-1/top-5, features for evaluators, the linear probe.
+# The loop's periodic jobs.
 # ----------------------------------------------------------------------------
-def _variables(state):
-  return {'params': state.params, 'batch_stats': state.batch_stats}
-
-
-def _make_output_fn(model, mesh, index: int) -> Callable:
-  """fn(state, host-local images) -> output `index` of SimCLRModel, global.
-
-  The output stays sharded on 'data' (each device keeps the rows it
-  computed); the host batch must split evenly over the local devices.
-  """
-  apply = jax.jit(
-      lambda v, x: model.apply(v, x, train=False)[index],
-      in_shardings=(sharding.replicated_sharding(mesh),
-                    sharding.data_sharding(mesh)),
-      out_shardings=sharding.data_sharding(mesh))
-  return lambda state, images: apply(
-      _variables(state), sharding.host_batch_to_global(images, mesh))
-
-
-def make_logits_fn(model, mesh) -> Callable:
-  """logits(state, host-local images) -> global [N, classes] array."""
-  return _make_output_fn(model, mesh, 2)
-
-
-def make_feature_fn(model, mesh) -> Callable:
-  """features(state, host-local images) -> representations h, global [N, d]."""
-  return _make_output_fn(model, mesh, 0)
-
-
-def make_eval_step(model, mesh) -> Callable:
-  """Masked sums over a global eval batch: top-1, top-5 correct and count."""
-  def eval_step(state, batch):
-    logits = model.apply(_variables(state), batch['image'], train=False)[2]
-    mask = batch['mask'].astype(jnp.float32)
-    return {'top1': jnp.sum(losses.topk_correct(logits, batch['label'], 1)
-                            * mask),
-            'top5': jnp.sum(losses.topk_correct(logits, batch['label'], 5)
-                            * mask),
-            'count': jnp.sum(mask)}
-  replicated = sharding.replicated_sharding(mesh)
-  return jax.jit(eval_step,
-                 in_shardings=(replicated, sharding.data_sharding(mesh)),
-                 out_shardings=replicated)
-
-
-def evaluate(eval_step, state, config, mesh) -> Dict[str, float]:
-  """Top-1 and top-5 of the supervised head over the whole eval split."""
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  totals = None
-  for batch in pipeline.create_eval_iterator(config):
-    sums = eval_step(state, sharding.host_batch_to_global(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'eval/top1': float(totals['top1']) / count,
-          'eval/top5': float(totals['top5']) / count,
-          'eval/num_examples': float(totals['count'])}
-
-
-PROBE_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def linear_probe_accuracy(state, feature_fn, config, mesh, *,
-                          num_classes: int) -> float:
-  """Test accuracy of a ridge-regression probe on frozen, l2-normalised h.
-
-  Features of the first `probe_train_examples` train images (eval-style
-  preprocessing) and of the whole eval split; λ picked from PROBE_L2_GRID on
-  a tenth of the train features held out, then refitted on all of them. The
-  ridge solve is `evaluators.ridge_predict` (the few-shot evaluator's).
-  `feature_fn=None` probes the raw pixels instead (a reference point).
-  """
-  from simclr_jax import evaluators  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  def split_features(split):
-    split_config = config.copy_and_resolve_references()
-    with split_config.unlocked():
-      split_config.eval_split = split
-    batches = pipeline.create_eval_iterator(split_config)
-    if feature_fn is None:
-      xs, ys = zip(*[(b['image'][b['mask']], b['label'][b['mask']])
-                     for b in batches])
-      x = np.concatenate(xs).reshape(-1, np.prod(xs[0].shape[1:]))
-      x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-      return x, np.concatenate(ys)
-    feats = evaluators.extract_features(state, feature_fn, batches, mesh)
-    x, y, m = (np.asarray(jax.device_get(a)) for a in feats)
-    x, y, m = x.reshape(-1, x.shape[-1]), y.reshape(-1), m.reshape(-1)
-    return x[m], y[m]
-
-  n = config.probe_train_examples
-  train_split = config.train_split
-  if '[' not in train_split:  # Read only the examples the probe uses.
-    train_split = f'{train_split}[:{n}]'
-  train_x, train_y = split_features(train_split)
-  train_x, train_y = train_x[:n], train_y[:n]
-  test_x, test_y = split_features(config.eval_split)
-
-  def accuracy(fit_x, fit_y, x, y, l2):
-    pred = evaluators.ridge_predict(jnp.asarray(fit_x), jnp.asarray(fit_y),
-                                    jnp.asarray(x), num_classes=num_classes,
-                                    l2_reg=l2)
-    return float(np.mean(np.asarray(pred) == y))
-
-  held = len(train_x) // 10
-  best_l2 = max(PROBE_L2_GRID, key=lambda l2: accuracy(
-      train_x[held:], train_y[held:], train_x[:held], train_y[:held], l2))
-  return accuracy(train_x, train_y, test_x, test_y, best_l2)
-
-
-# ----------------------------------------------------------------------------
-# Logging helpers.
-# ----------------------------------------------------------------------------
-def view_grid(images, max_images: int = 8) -> np.ndarray:
-  """[1, n·H, v·W, 3] grid: one row per image, its v views side by side."""
-  x = np.clip(np.asarray(images[:max_images], np.float32), 0.0, 1.0)
-  if x.ndim == 4:  # [n, H, W, 3]: one view per image.
-    x = x[:, None]
-  n, v, h, w, c = x.shape
-  return x.transpose(0, 2, 1, 3, 4).reshape(1, n * h, v * w, c)
-
-
-def flat_hparams(config) -> Dict[str, Any]:
-  """Scalar config values with dotted keys, for TensorBoard's hparams."""
-  out = {}
-  def visit(prefix, value):
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      for k, v in value.items():
-        visit(f'{prefix}{k}.', v)
-    elif isinstance(value, (bool, int, float, str)):
-      out[prefix[:-1]] = value
-    else:
-      out[prefix[:-1]] = str(value)
-  visit('', config.to_dict() if hasattr(config, 'to_dict') else config)
-  return out
-
-
-class PreemptionWatch:
-  """Turns SIGTERM (a preempted VM) into a flag the loop polls between steps."""
-
-  def __init__(self, on_exit: Optional[Callable[[], Any]] = None):
-    self.requested = False
-    self._previous = None
-    # Called when the loop ends, normally or by an exception (a non-finite
-    # loss): lets an in-flight checkpoint save complete before the process
-    # exits, so the newest good checkpoint is not lost with it.
-    self._on_exit = on_exit
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning('Signal %d: saving a checkpoint and stopping.', signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    if self._on_exit is not None:
-      self._on_exit()
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # Every host must stop at the same step to save together.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # Preemption service not enabled.
-        return False
-    return self.requested
+def is_time(step: int, every: int, total: int) -> bool:
+  """A periodic job is due every `every` steps and at the last step."""
+  return step == total or (every > 0 and step % every == 0)
 
 
 FINITE_METRICS = ('loss', 'grad_norm')
 
 
-def check_finite(pending, first_step: int, *, skip: bool):
-  """Checks the loss and gradient norm of each step since the last log.
+class TrainMetrics:
+  """The per-step metrics since the last log: finite check, means, speed.
 
-  `pending`: the per-step metrics (device scalars) of steps first_step, ...
   Reading them costs a few scalars; the loop does it before logging and
   before every checkpoint, so parameters made non-finite are never saved.
-
-  Returns:
-    (stacked metrics as numpy [num_steps], boolean mask of finite steps).
-  Raises:
-    FloatingPointError naming the first non-finite step and metric, unless
-    `skip` (config.skip_nonfinite_steps: the train step skipped them).
   """
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-  finite = np.ones(len(pending), bool)
-  for name in FINITE_METRICS:
-    if name in stacked:
-      finite &= np.isfinite(stacked[name])
-  if not skip and not finite.all():
-    i = int(np.argmin(finite))
-    name = next(n for n in FINITE_METRICS
-                if n in stacked and not np.isfinite(stacked[n][i]))
-    raise FloatingPointError(
-        f'non-finite {name} ({stacked[name][i]}) at step {first_step + i}; '
-        'stopped before saving it, so the newest checkpoint holds finite '
-        'parameters. config.skip_nonfinite_steps=True skips such steps.')
-  return stacked, finite
+
+  def __init__(self, writer, config, start_step: int):
+    self.writer, self.config = writer, config
+    self.pending, self.first_step = [], start_step + 1
+    self.last_time = time.perf_counter()
+    self.skipped = 0  # Non-finite steps skipped by this process.
+    self.last_means = {}  # The latest logged means (the run's summary).
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+
+  def exclude(self, seconds: float) -> None:
+    """Keeps time spent outside training steps (evaluation) out of the speed."""
+    self.last_time += seconds
+
+  def check_finite(self):
+    """(stacked numpy metrics, finite mask) of the pending steps.
+
+    Raises FloatingPointError naming the first non-finite step and metric,
+    unless config.skip_nonfinite_steps (the train step skipped them).
+    """
+    if not self.pending:
+      return {}, np.ones(0, bool)
+    stacked = jax.device_get(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *self.pending))
+    finite = np.ones(len(self.pending), bool)
+    for name in FINITE_METRICS:
+      if name in stacked:
+        finite &= np.isfinite(stacked[name])
+    if not self.config.skip_nonfinite_steps and not finite.all():
+      i = int(np.argmin(finite))
+      name = next(n for n in FINITE_METRICS
+                  if n in stacked and not np.isfinite(stacked[n][i]))
+      raise FloatingPointError(
+          f'non-finite {name} ({stacked[name][i]}) at step '
+          f'{self.first_step + i}; stopped before saving it, so the newest '
+          'checkpoint holds finite parameters. '
+          'config.skip_nonfinite_steps=True skips such steps.')
+    return stacked, finite
+
+  def write(self, step: int) -> None:
+    """Means of the pending steps, images/s and step time, to the writer."""
+    if not self.pending:
+      return
+    stacked, finite = self.check_finite()
+    self.skipped += int(np.sum(~finite))
+    means = {k: float(np.mean(v[finite])) if finite.any() else float('nan')
+             for k, v in stacked.items()}
+    steps = len(self.pending)
+    elapsed = max(time.perf_counter() - self.last_time, 1e-9)
+    images_per_s = steps * self.config.train_batch_size / elapsed
+    means.update(skipped_nonfinite_steps=self.skipped,
+                 images_per_sec=images_per_s,
+                 images_per_sec_per_device=images_per_s / jax.device_count(),
+                 step_time_s=elapsed / steps)
+    self.writer.write_scalars(step, means)
+    self.last_means = means
+    self.pending, self.first_step = [], step + 1
+    self.last_time = time.perf_counter()
+
+
+def write_first_views(writer, config, batch, start_step: int) -> None:
+  """hparams and a grid of the augmented views at step 0 (as trained on)."""
+  if start_step:
+    return
+  writer.write_hparams(reporting.flat_hparams(config))
+  views = batch['image'][:8]
+  if 'augment_key' in batch:  # color_augment='device'.
+    views = jax.jit(lambda x, k: distort_on_device(x, k, config))(
+        jax.device_put(views), jax.device_put(batch['augment_key'][:8]))
+  writer.write_images(0, {'augmented_views': reporting.view_grid(
+      jax.device_get(views))})
+
+
+def create_evaluators(config, model, mesh, data, init_state) -> list:
+  """config.evals, plus the supervised head's top-1/5 as `eval`."""
+  extra = []
+  if model.has_supervised_head():
+    extra.append(('eval', 'linear_head', dict(
+        every_steps=config.eval_every_steps, query_split='')))
+  return evaluators.create_evaluators(
+      config, evaluators.make_predict_fn(model, mesh), mesh=mesh,
+      num_classes=data.num_classes, data_fn=data.eval_batches,
+      random_state_fn=init_state,
+      extra=extra)
 
 
 # ----------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> TrainState:
-  """Trains per `config.train_mode`, resuming from `workdir` if it holds a run."""
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  lead_host = jax.process_index() == 0
-  # Before anything is compiled or written: a bad config must not touch the
-  # workdir's checkpoints (main.py checks too; this covers Colab callers).
-  configlib.validate(config, device_count=jax.device_count(),
-                     process_count=jax.process_count(), check_dataset=False)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data=None, model=None) -> Result:
+  """Trains per `config.train_mode`, resuming from `workdir` if it holds a run.
 
-  # --- Mesh ------------------------------------------------------------------
+  `data` (pipeline.Data) and `model` default to the config's; tests pass
+  their own. Given `data`, the config is taken as checked (main.py ran
+  preflight.py); without it (a notebook), the checks run here first and a
+  bad config raises preflight.BadInput before anything is written.
+  """
+  if data is None:
+    preflight.check_config(config)
+    preflight.check_devices(config)
+    data = preflight.check_dataset(config)
+  model = model or models.create_model(config, data.num_classes)
+  lead_host = jax.process_index() == 0
   mesh = sharding.create_mesh()
   logging.info('Mesh: %s', mesh)
 
-  # --- Input pipeline (sizes) ------------------------------------------------
-  num_train_examples = pipeline.num_examples(config, config.train_split)
-  num_classes = pipeline.num_classes(config)
-
-  # --- Model and optimizer ---------------------------------------------------
-  model = models.create_model(config, num_classes)
+  # --- Optimizer and schedule ---------------------------------------------
   learning_rate_fn = optim.create_learning_rate_schedule(
-      config, num_train_examples)
-  derived = configlib.steps_from_config(config, num_train_examples)
-  total_steps = derived['total_steps']
-  tx = create_optimizer(config, learning_rate_fn)
-  logging.info('%d train examples, %d classes; %s', num_train_examples,
-               num_classes, derived)
+      config, data.num_train_examples)
+  total_steps = config_lib.config_schedule_steps(
+      config, data.num_train_examples)['total_steps']
+  tx = optim.create_optimizer(config, learning_rate_fn)
 
-  # --- Train state: fresh, from init_checkpoint, or resumed ------------------
-  replicated = sharding.replicated_sharding(mesh)
-  init_state = jax.jit(functools.partial(create_train_state, config, model, tx),
-                       out_shardings=replicated)
-  state = init_state(jax.random.PRNGKey(config.seed))
+  # --- Train state: fresh, resumed, or from init_checkpoint ---------------
+  # The key is made inside jit: a constant of the program, not a transfer.
+  init_state = jax.jit(
+      lambda: create_train_state(config, model, tx,
+                                 jax.random.PRNGKey(config.seed)),
+      out_shardings=sharding.replicated_sharding(mesh))
+  state = init_state()
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
   state, start_step = checkpoint.restore_latest(manager, state)
   if start_step == 0 and config.init_checkpoint:
@@ -474,130 +341,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   parameter_overview.log_parameter_overview(
       state.params, msg='Parameters', jax_logging_process=0)
 
-  # --- Update step (compiled ahead of the loop, so its cost is measured) ----
-  train_iter = pipeline.create_train_iterator(
-      config, seed=config.seed, start_step=start_step)
-  first_batch = next(train_iter)
+  # --- Update step, compiled ahead of the loop (its cost is logged) -------
+  batches = data.train_batches(start_step)
+  batch = next(batches)
   compile_start = time.perf_counter()
   train_step = make_train_step(model, config, learning_rate_fn, mesh).lower(
-      state, sharding.host_batch_to_global(first_batch, mesh)).compile()
+      state, sharding.host_batch_to_global(batch, mesh)).compile()
   compile_time = time.perf_counter() - compile_start
-  has_head = model.has_supervised_head()
-  eval_step = make_eval_step(model, mesh) if has_head else None
 
-  # --- Writers, periodic actions, evaluators ---------------------------------
+  # --- Writers, progress, evaluators --------------------------------------
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not lead_host)
-  if start_step == 0:
-    writer.write_hparams(flat_hparams(config))
-    views = first_batch['image'][:8]
-    if 'augment_key' in first_batch:  # color_augment='device': as trained on.
-      views = distort_on_device(views, first_batch['augment_key'][:8], config)
-    writer.write_images(0, {'augmented_views': view_grid(np.asarray(views))})
+  write_first_views(writer, config, batch, start_step)
   writer.write_scalars(start_step, {'compile_time_s': compile_time})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer, every_secs=60.0)]
   if lead_host and config.num_profile_steps > 0:
     hooks.append(periodic_actions.Profile(
         logdir=workdir, num_profile_steps=config.num_profile_steps))
-  feature_fn = make_feature_fn(model, mesh)
-  from simclr_jax import evaluators  # pylint: disable=g-import-not-at-top
-  plugins = evaluators.create_evaluators(
-      config, feature_fn, logits_fn=make_logits_fn(model, mesh) if has_head
-      else None, mesh=mesh, num_classes=num_classes)
-
-  def run_evals(step, *, final=False):
-    """Top-1/5 every eval_every_steps, plugins on their own schedules."""
-    results = {}
-    top1_due = config.eval_every_steps and step % config.eval_every_steps == 0
-    if eval_step and (final or top1_due):
-      results.update(evaluate(eval_step, state, config, mesh))
-    results.update(evaluators.run_evaluators(plugins, state, step,
-                                             force=final))
-    if results:
-      writer.write_scalars(step, results)
-    return results
-
-  # --- Loop --------------------------------------------------------------------
+  evals = create_evaluators(config, model, mesh, data, init_state)
+  train_metrics = TrainMetrics(writer, config, start_step)
   logging.info('Training steps %d..%d (compile %.1f s).', start_step + 1,
                total_steps, compile_time)
-  pending, batch = [], first_batch
-  last_log_time, last_log_step = time.perf_counter(), start_step
-  skip_nonfinite = configlib.get_override(config, 'skip_nonfinite_steps', False)
-  skipped_steps = 0  # Non-finite steps skipped by this process.
-  step = start_step
-  with PreemptionWatch(on_exit=manager.wait_until_finished) as preemption:
-    while step < total_steps:
-      if batch is None:
-        batch = next(train_iter)
+
+  # --- Loop ----------------------------------------------------------------
+  step, preempted = start_step, False
+  with preemption.PreemptionWatch(on_exit=manager.wait_until_finished) as watch:
+    while step < total_steps and not preempted:
+      batch = batch if batch is not None else next(batches)
       with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
         state, metrics = train_step(
             state, sharding.host_batch_to_global(batch, mesh))
       step, batch = step + 1, None
-      pending.append(metrics)
+      train_metrics.add(metrics)
       for hook in hooks:
         hook(step)
-
-      if step % config.log_every_steps == 0 or step == total_steps:
-        stacked, finite = check_finite(pending, last_log_step + 1,
-                                       skip=skip_nonfinite)
-        skipped_steps += int(np.sum(~finite))
-        means = {k: float(np.mean(v[finite])) if finite.any() else float('nan')
-                 for k, v in stacked.items()}
-        means['skipped_nonfinite_steps'] = skipped_steps
-        elapsed = time.perf_counter() - last_log_time
-        images_per_s = ((step - last_log_step) * config.train_batch_size
-                        / max(elapsed, 1e-9))
-        means['images_per_sec'] = images_per_s
-        means['images_per_sec_per_device'] = images_per_s / jax.device_count()
-        means['step_time_s'] = elapsed / (step - last_log_step)
-        writer.write_scalars(step, means)
-        pending, last_log_time, last_log_step = [], time.perf_counter(), step
-
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        if pending:  # Steps since the last log: check before saving.
-          check_finite(pending, last_log_step + 1, skip=skip_nonfinite)
+      if is_time(step, config.log_every_steps, total_steps):
+        train_metrics.write(step)
+      if is_time(step, config.checkpoint_every_steps, total_steps):
+        train_metrics.check_finite()
         checkpoint.save(manager, state)
       if step < total_steps:
         eval_start = time.perf_counter()
-        if run_evals(step):  # Keep eval time out of the step time.
-          last_log_time += time.perf_counter() - eval_start
-      if preemption.should_stop(step):
-        if pending:
-          check_finite(pending, last_log_step + 1, skip=skip_nonfinite)
-        checkpoint.save(manager, state, force=True)
-        manager.wait_until_finished()
-        logging.warning('Stopped at step %d for preemption; checkpoint saved.',
-                        step)
-        manager.close()
-        writer.flush()
-        return state
+        results = evaluators.run_evaluators(evals, state, step)
+        if results:
+          writer.write_scalars(step, results)
+          train_metrics.exclude(time.perf_counter() - eval_start)
+      preempted = watch.should_stop(step)
 
-  # --- Final evaluation, export, probe ---------------------------------------
-  run_evals(step, final=True)
-  checkpoint.save(manager, state)
-  manager.wait_until_finished()
+    # --- The end: finished, or preempted (save now, resume later) -----------
+    final = {}
+    if preempted:
+      train_metrics.write(step)
+      checkpoint.save(manager, state, force=True)
+      logging.warning('Stopped at step %d for preemption; checkpoint saved.',
+                      step)
+    else:
+      final = evaluators.run_evaluators(evals, state, step, force=True)
+      writer.write_scalars(step, final)
+      checkpoint.save(manager, state)
   manager.close()
-  if config.train_mode == 'pretrain':
+  if not preempted and config.train_mode == 'pretrain':
     checkpoint.export_backbone(state, f'{workdir}/{checkpoint.BACKBONE_DIR}')
-  if config.probe_train_examples:
-    probe = linear_probe_accuracy(state, feature_fn, config, mesh,
-                                  num_classes=num_classes)
-    random_state = init_state(jax.random.PRNGKey(config.seed))
-    random_probe = linear_probe_accuracy(random_state, feature_fn, config,
-                                         mesh, num_classes=num_classes)
-    pixel_probe = linear_probe_accuracy(None, None, config, mesh,
-                                        num_classes=num_classes)
-    writer.write_scalars(step, {'probe/pretrained_top1': probe,
-                                'probe/random_init_top1': random_probe,
-                                'probe/raw_pixels_top1': pixel_probe})
-    if lead_host:
-      # A random ResNet with zero-initialised last BN γ per block is little
-      # more than its stem and strided 1x1 shortcuts: the raw pixels are the
-      # fairer reference, printed beside it.
-      print(f'Linear probe test accuracy ({config.dataset}, '
-            f'{config.eval_split}): pretrained {probe:.2%} vs random init '
-            f'{random_probe:.2%} (step {step}; raw pixels: '
-            f'{pixel_probe:.2%}).', flush=True)
   writer.flush()
-  return state
+  return Result(state, {**train_metrics.last_means, **final}, preempted)

@@ -1,8 +1,9 @@
 """nt_xent_loss, contrastive metrics, CE and top-k against numpy; sharded loss.
 
 The numpy reference is written from the paper's formula (2N anchors, each
-against the 2N − 1 others, self excluded), an independent form of DESIGN §3:
-the reference convention is exactly twice the paper's mean.
+against the 2N − 1 others, self excluded), an independent form of the
+reference's `tf2/objective.py`: the reference convention is exactly twice the
+paper's mean.
 """
 import jax
 import jax.numpy as jnp

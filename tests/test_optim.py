@@ -1,5 +1,5 @@
 """optim: LARS against a numpy re-computation of the reference update, the
-warmup-cosine schedule against the DESIGN §3 formula, the optimizer factory.
+warmup-cosine schedule against the reference's formula, the optimizer factory.
 
 The numpy LARS below is written from `tf2/lars_optimizer.py`
 (`_resource_apply_dense`, classic momentum) and decides exclusions from the
@@ -9,14 +9,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from simclr_jax import configlib
+from simclr_jax import config as config_lib
 from simclr_jax import models
 from simclr_jax import optim
+
+from conftest import small_config
 
 # Leaf path -> (shape, the reference's TF variable name). The names decide the
 # reference's exclusions: 'batch_normalization', 'bias', 'head_supervised'.
@@ -170,7 +171,7 @@ def test_lars_exclusion_mask_on_the_real_model():
 
 def design_learning_rate(t, *, lr, batch, num_examples, epochs, warmup_epochs,
                          scaling, train_steps=0):
-  """DESIGN §3, written out."""
+  """The reference's WarmUpAndCosineDecay, written out."""
   scaled = lr * batch / 256 if scaling == 'linear' else lr * math.sqrt(batch)
   warmup = round(warmup_epochs * num_examples // batch)
   total = train_steps or num_examples * epochs // batch + 1
@@ -223,15 +224,15 @@ def test_warmup_cosine_without_warmup_and_shorter_than_warmup():
 
 
 def make_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
+  settings = dict(
       optimizer='lars', learning_rate=0.3, learning_rate_scaling='linear',
       train_batch_size=512, train_epochs=10, train_steps=0, warmup_epochs=0.5,
-      momentum=0.9, nesterov=False, weight_decay=1e-2, lars_eeta=1e-3))
-  config.update(overrides)
-  return config
+      momentum=0.9, nesterov=False, weight_decay=1e-2, lars_eeta=1e-3)
+  settings.update(overrides)
+  return small_config(**settings)
 
 
-def test_schedule_from_config_and_configlib_agree():
+def test_schedule_from_config_and_its_step_counts_agree():
   config = make_config(learning_rate_scaling='sqrt')
   schedule = optim.create_learning_rate_schedule(config, 10_000)
   for t in (0, 5, 9, 50, 195):
@@ -239,11 +240,12 @@ def test_schedule_from_config_and_configlib_agree():
         schedule(t), design_learning_rate(
             t, lr=0.3, batch=512, num_examples=10_000, epochs=10,
             warmup_epochs=0.5, scaling='sqrt'), rtol=1e-5, atol=1e-5)
-  # configlib.steps_from_config (logged by train.py) uses the same numbers.
-  derived = configlib.steps_from_config(config, 10_000)
-  assert derived['warmup_steps'] == 9 and derived['total_steps'] == 196
-  np.testing.assert_allclose(derived['scaled_learning_rate'],
-                             schedule(derived['warmup_steps']), rtol=1e-6)
+  # The run's step counts (train.py's total) are the schedule's.
+  steps = config_lib.config_schedule_steps(config, 10_000)
+  assert steps['warmup_steps'] == 9 and steps['total_steps'] == 196
+  np.testing.assert_allclose(
+      optim.scale_learning_rate(0.3, 512, 'sqrt'),
+      schedule(steps['warmup_steps']), rtol=1e-6)
 
 
 # --- factory -------------------------------------------------------------------
@@ -298,13 +300,14 @@ def test_momentum_nesterov_and_lars_under_multi_transform():
   np.testing.assert_allclose(plain[key], -lr * 0.5 * 1.9, rtol=1e-6)
   np.testing.assert_allclose(nesterov[key], -lr * 0.5 * (0.9 * 1.9 + 1),
                              rtol=1e-6)
-  # train.py wraps the optimizer in multi_transform to freeze parameters; the
-  # path masks must still work on the partial trees it passes down.
+  # create_optimizer wraps the optimizer in multi_transform to freeze
+  # parameters; the path masks must still work on the partial trees it
+  # passes down.
   labels = jax.tree_util.tree_map_with_path(
       lambda p, _: 'train' if p[0].key == 'supervised_head' else 'frozen',
       params)
   tx = optax.multi_transform(
-      {'train': optim.create_optimizer(make_config(), lr),
+      {'train': optim.base_optimizer(make_config(), lr),
        'frozen': optax.set_to_zero()}, labels)
   updates = two_steps(tx)
   for path, u in updates.items():
@@ -334,3 +337,27 @@ def test_supervised_head_l2():
   np.testing.assert_allclose(grads['supervised_head']['kernel'], 1e-3 * kernel,
                              rtol=1e-6)
   assert float(jnp.sum(jnp.abs(grads['supervised_head']['bias']))) == 0.0
+
+
+@pytest.mark.parametrize('mode,after,trained', [
+    ('linear_eval', -1, {'supervised_head'}),
+    ('finetune', 2, {'block_group3', 'block_group4', 'projection_head',
+                     'supervised_head'}),
+    ('finetune', -1, {'stem', 'block_group1', 'block_group2', 'block_group3',
+                      'block_group4', 'projection_head', 'supervised_head'}),
+])
+def test_trainable_labels_follow_mode_and_fine_tune_after_block(
+    mode, after, trained):
+  config = small_config(mode, fine_tune_after_block=after, init_checkpoint='x')
+  model = models.create_model(config, 10)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)),
+                         train=False))['params']
+  labels = optim.trainable_labels(params, config)
+  seen = set()
+  for path, label in jax.tree_util.tree_leaves_with_path(labels):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    group = names[1].split('_block')[0] if names[0] == 'resnet' else names[0]
+    seen.add(group)
+    assert (label == 'train') == (group in trained), names
+  assert trained <= seen

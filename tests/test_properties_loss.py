@@ -1,4 +1,4 @@
-"""Property tests of nt_xent_loss over random shapes and temperatures (issue 6).
+"""Property tests of nt_xent_loss over random shapes and temperatures.
 
 Embeddings come from a numpy generator seeded by hypothesis (shapes, scale and
 temperature are drawn by hypothesis): fast, never degenerate rows, and a

@@ -23,19 +23,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simclr_jax import checkpoint
-from simclr_jax import main
+from simclr_jax import train
+from simclr_jax.data import pipeline
+from simclr_jax.runtime import checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, 'configs', 'demo.py')
+from conftest import config_file
+from conftest import REPO
+from conftest import small_config
+
+DEMO = config_file('demo')
 INTERVAL = 2  # checkpoint_every_steps of the runs below.
 
 # The demo, shrunk so that a run is start-up plus seconds of training.
 TINY_OVERRIDES = {
     'train_batch_size': 8, 'eval_batch_size': 8, 'image_size': 8,
     'checkpoint_every_steps': INTERVAL, 'keep_checkpoints': 2,
-    'log_every_steps': 1, 'probe_train_examples': 0,
-    'lineareval_while_pretraining': False, 'cache_dataset': False,
+    'log_every_steps': 1, 'lineareval_while_pretraining': False,
+    'cache_dataset': False,
 }
 
 
@@ -58,7 +62,7 @@ def _start(workdir, total_steps, cache_dir, log_path):
           f'--workdir={workdir}', f'--config.train_steps={total_steps}']
   args += [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
   log = open(log_path, 'w')
-  proc = subprocess.Popen(args, cwd=REPO, env=_child_env(cache_dir),
+  proc = subprocess.Popen(args, cwd=str(REPO), env=_child_env(cache_dir),
                           stdout=log, stderr=subprocess.STDOUT)
   proc.log_file = log
   return proc
@@ -210,18 +214,14 @@ NAN_STEP = 3
 
 
 def _tiny_config(**overrides):
-  config = main.load_config_file(DEMO)
-  with config.unlocked():
-    config.update(TINY_OVERRIDES)
-    config.update(train_steps=5, log_every_steps=10)
-    config.update(overrides)
-  return config
+  settings = dict(TINY_OVERRIDES, train_steps=5, log_every_steps=10)
+  settings.update(overrides)
+  return small_config(**settings)
 
 
-def _synthetic_batches(config, *, seed, start_step=0, **unused):
+def _synthetic_batches(config, start_step=0):
   """Random two-view batches, a function of the step; NaN images at NAN_STEP."""
-  del unused
-  size, n = config.image_size, config.train_batch_size
+  seed, size, n = config.seed, config.image_size, config.train_batch_size
   step = start_step
   while True:
     step += 1
@@ -240,19 +240,21 @@ class TinyModel(nn.Module):
     x = images.reshape((images.shape[0], -1))
     h = nn.BatchNorm(use_running_average=not train, name='resnet_bn')(
         nn.Dense(16, name='resnet')(x))
-    return h, nn.Dense(8, name='projection_head')(h), None
+    return {'representation': h,
+            'projection': nn.Dense(8, name='projection_head')(h)}
 
   def has_supervised_head(self):
     return False
 
 
-@pytest.fixture
-def poisoned_input(monkeypatch):
-  """The loop and checkpoints are real; model and data are tiny stand-ins."""
-  from simclr_jax import models  # pylint: disable=g-import-not-at-top
-  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(pipeline, 'create_train_iterator', _synthetic_batches)
-  monkeypatch.setattr(models, 'create_model', lambda *a, **k: TinyModel())
+def _poisoned(config):
+  """(data, model): the loop and checkpoints are real; model and data are tiny
+  stand-ins, the data with NaN images at NAN_STEP."""
+  data = pipeline.Data(
+      num_train_examples=1000, num_classes=10,
+      train_batches=lambda start: _synthetic_batches(config, start),
+      eval_batches=None)
+  return dict(data=data, model=TinyModel())
 
 
 def _all_finite(tree):
@@ -260,39 +262,30 @@ def _all_finite(tree):
              if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
-def test_nonfinite_loss_stops_before_it_is_saved(tmp_path, poisoned_input):
-  from simclr_jax import train  # pylint: disable=g-import-not-at-top
-  del poisoned_input
+def test_nonfinite_loss_stops_before_it_is_saved(tmp_path):
   workdir = str(tmp_path)
+  config = _tiny_config()
   # Logs every 10 steps: the check before the step-4 checkpoint catches it.
   with pytest.raises(FloatingPointError,
                      match=rf'non-finite loss \(nan\) at step {NAN_STEP};'):
-    train.train_and_evaluate(_tiny_config(), workdir)
+    train.train_and_evaluate(config, workdir, **_poisoned(config))
   assert checkpoint.checkpoint_steps(workdir) == (2,)
   assert not _in_flight(workdir)
   assert _all_finite(_final_state(workdir, 2))
 
 
-def test_skip_nonfinite_steps_skips_and_counts(tmp_path, poisoned_input):
-  from simclr_jax import train  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  del poisoned_input
+def test_skip_nonfinite_steps_skips_and_counts(tmp_path, read_events):
   workdir = str(tmp_path)
-  state = train.train_and_evaluate(
-      _tiny_config(skip_nonfinite_steps=True, log_every_steps=1), workdir)
+  config = _tiny_config(skip_nonfinite_steps=True, log_every_steps=1)
+  state = train.train_and_evaluate(config, workdir, **_poisoned(config)).state
   assert int(state.step) == 5
   assert _all_finite(_final_state(workdir, 5))
-  counts = {}
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == 'skipped_nonfinite_steps':
-          counts[event.step] = float(tf.make_ndarray(value.tensor))
+  counts = read_events(workdir)['skipped_nonfinite_steps']
   assert counts == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
 
 
 @pytest.mark.slow
-def test_main_exits_3_on_nonfinite_loss(tmp_path):
+def test_main_exits_3_on_nonfinite_loss(tmp_path, read_events):
   """The entry point: one line naming the step and metric, exit code 3, and
   no checkpoint of the blown-up parameters (lr 1e30: inf after step 1)."""
   workdir = str(tmp_path / 'run')
@@ -300,7 +293,7 @@ def test_main_exits_3_on_nonfinite_loss(tmp_path):
           f'--workdir={workdir}', '--config.train_steps=6',
           '--config.learning_rate=1e30', '--config.warmup_epochs=0']
   args += [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
-  result = subprocess.run(args, cwd=REPO, env=_child_env(tmp_path / 'cache'),
+  result = subprocess.run(args, cwd=str(REPO), env=_child_env(tmp_path / 'cache'),
                           capture_output=True, text=True, timeout=900)
   errors = [l for l in result.stderr.splitlines()
             if l.startswith('simclr_jax: error: ')]

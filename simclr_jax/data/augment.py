@@ -1,7 +1,7 @@
 """SimCLR image augmentations as pure, statelessly seeded TensorFlow ops.
 
 Semantics follow the reference release (google-research/simclr `tf2/data_util.py`,
-DESIGN.md §3); every random draw comes from a `tf.random.stateless_*` op whose
+the paper's Appendix A); every random draw comes from a `tf.random.stateless_*` op whose
 seed is derived from the caller's `seed` (an int32/int64 tensor of shape [2]),
 so the same (seed, image) gives the same view on any machine, in any tf.data
 thread, in any order. Sub-seeds are split off with
@@ -39,18 +39,22 @@ import functools
 
 import tensorflow as tf
 
-IMPLS = ('simclrv1', 'simclrv2')
-CROP_PROPORTION = 0.875  # Eval centre crop, standard for ImageNet.
-JITTER_PROB = 0.8
-GRAYSCALE_PROB = 0.2
-BLUR_PROB = 0.5
-BLUR_SIGMA_RANGE = (0.1, 2.0)
+from simclr_jax.data import augment_constants as C
 
 
-def _check_impl(impl):
-  if impl not in IMPLS:
-    raise ValueError(f'Unknown impl {impl!r} for random brightness; allowed '
-                     f'values: {", ".join(map(repr, IMPLS))}.')
+def _hide_accelerators_from_tf():
+  """TF only ever runs on the host CPU here: keep it off the GPUs and TPUs,
+  so that tf.data never allocates accelerator memory that JAX needs."""
+  for device_type in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError):
+      # RuntimeError: TF already initialised its devices (it was used before
+      # this import); ValueError: this TF build has no such device type.
+      pass
+
+
+_hide_accelerators_from_tf()
 
 
 def _split(seed, num):
@@ -124,22 +128,16 @@ def sample_crop_window(image_shape, height, width, *, seed):
       image_size=image_shape,
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
       seed=seed,
-      min_object_covered=0.1,
-      aspect_ratio_range=(3.0 / 4.0 * aspect, 4.0 / 3.0 * aspect),
-      area_range=(0.08, 1.0),
-      max_attempts=100,
+      min_object_covered=C.CROP_MIN_OBJECT_COVERED,
+      aspect_ratio_range=tuple(r * aspect for r in C.CROP_ASPECT_RANGE),
+      area_range=C.CROP_AREA_RANGE,
+      max_attempts=C.CROP_MAX_ATTEMPTS,
       use_image_if_no_bounding_boxes=True)
   return begin[:2], size[:2]
 
 
-def random_crop_and_resize(image, height, width, *, seed):
-  """Random Inception-style crop (`sample_crop_window`), bicubic resize."""
-  offset, size = sample_crop_window(tf.shape(image), height, width, seed=seed)
-  return _resize_bicubic(crop_window(image, offset, size), height, width)
-
-
 def center_crop_window(image_height, image_width, height, width,
-                       crop_proportion=CROP_PROPORTION):
+                       crop_proportion=C.CROP_PROPORTION):
   """(offset [y, x], size [h, w]) of the eval centre crop.
 
   The crop has the output's aspect ratio width/height and spans
@@ -163,7 +161,7 @@ def center_crop_window(image_height, image_width, height, width,
 
 
 def center_crop_and_resize(image, height, width,
-                           crop_proportion=CROP_PROPORTION):
+                           crop_proportion=C.CROP_PROPORTION):
   shape = tf.shape(image)
   offset, size = center_crop_window(shape[0], shape[1], height, width,
                                     crop_proportion)
@@ -175,16 +173,14 @@ def center_crop_and_resize(image, height, width,
 # ----------------------------------------------------------------------------
 def random_flip_left_right(image, *, seed):
   """Mirror with p = 0.5; a real branch (the tf.image op computes both)."""
-  return tf.cond(_uniform(seed) < 0.5, lambda: tf.reverse(image, [1]),
+  return tf.cond(_uniform(seed) < C.FLIP_PROB, lambda: tf.reverse(image, [1]),
                  lambda: image)
 
 
-def random_brightness(image, max_delta, *, seed, impl='simclrv2'):
-  """simclrv2: x·U[max(1 − d, 0), 1 + d]; simclrv1: x + U[−d, d]."""
-  _check_impl(impl)
-  if impl == 'simclrv2':
-    return image * _uniform(seed, max(1.0 - max_delta, 0.0), 1.0 + max_delta)
-  return image + _uniform(seed, -max_delta, max_delta)
+def random_brightness(image, strength, *, seed, impl='simclrv2'):
+  """simclrv2: x·U[max(1 − 0.8s, 0), 1 + 0.8s]; simclrv1: x + U[−0.8s, 0.8s]."""
+  draw = _uniform(seed, *C.jitter_ranges(strength, impl)['brightness'])
+  return image * draw if impl == 'simclrv2' else image + draw
 
 
 def to_grayscale(image):
@@ -198,25 +194,26 @@ def color_jitter(image, strength, *, seed, impl='simclrv2'):
   Ops whose strength is 0 are the identity (as in the reference); the image is
   clipped to [0, 1] after each op.
   """
-  _check_impl(impl)
-  b = c = s = 0.8 * strength
-  h = 0.2 * strength
+  ranges = C.jitter_ranges(strength, impl)
   order_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
 
   def brightness(x):
-    return random_brightness(x, b, seed=b_seed, impl=impl) if b else x
+    return (random_brightness(x, strength, seed=b_seed, impl=impl)
+            if strength else x)
 
   def contrast(x):
-    return tf.image.adjust_contrast(x, _uniform(c_seed, 1 - c, 1 + c)) if c else x
+    return (tf.image.adjust_contrast(x, _uniform(c_seed, *ranges['contrast']))
+            if strength else x)
 
   # TF's own HSV kernels. (XLA-compiled ones are 2× faster in isolation but
   # cost more CPU inside tf.data, measured with throughput.py; not used.)
   def saturation(x):
-    return (tf.image.adjust_saturation(x, _uniform(s_seed, 1 - s, 1 + s))
-            if s else x)
+    return (tf.image.adjust_saturation(
+        x, _uniform(s_seed, *ranges['saturation'])) if strength else x)
 
   def hue(x):
-    return tf.image.adjust_hue(x, _uniform(h_seed, -h, h)) if h else x
+    return (tf.image.adjust_hue(x, _uniform(h_seed, *ranges['hue']))
+            if strength else x)
 
   ops = (brightness, contrast, saturation, hue)
 
@@ -236,18 +233,13 @@ def random_color_distortion(image, strength, *, seed, impl='simclrv2'):
   jitter_seed, apply_jitter_seed, gray_seed = _split(seed, 3)
   jitter = functools.partial(color_jitter, strength=strength, seed=jitter_seed,
                              impl=impl)
-  image = _random_apply(jitter, JITTER_PROB, image, apply_jitter_seed)
-  return _random_apply(to_grayscale, GRAYSCALE_PROB, image, gray_seed)
+  image = _random_apply(jitter, C.JITTER_PROB, image, apply_jitter_seed)
+  return _random_apply(to_grayscale, C.GRAYSCALE_PROB, image, gray_seed)
 
 
 # ----------------------------------------------------------------------------
 # Blur.
 # ----------------------------------------------------------------------------
-def blur_kernel_size(height):
-  """2·((height // 10) // 2) + 1, the reference's kernel (23 at 224 px)."""
-  return 2 * ((height // 10) // 2) + 1
-
-
 def _blur_matrix(length, sigma, radius):
   """[length, length] banded gaussian: row i holds the weights of output i.
 
@@ -283,13 +275,13 @@ def gaussian_blur(image, sigma, kernel_size):
 
 def random_blur(image, height, *, seed):
   """With p = 0.5, gaussian blur with σ ~ U[0.1, 2], kernel from `height`."""
-  kernel_size = blur_kernel_size(height)
+  kernel_size = C.blur_kernel_size(height)
   if kernel_size <= 1:
     return image  # Below 20 px the kernel is a single tap: the identity.
   apply_seed, sigma_seed = _split(seed, 2)
-  blur = lambda x: gaussian_blur(x, _uniform(sigma_seed, *BLUR_SIGMA_RANGE),
+  blur = lambda x: gaussian_blur(x, _uniform(sigma_seed, *C.BLUR_SIGMA_RANGE),
                                  kernel_size)
-  return tf.clip_by_value(_random_apply(blur, BLUR_PROB, image, apply_seed),
+  return tf.clip_by_value(_random_apply(blur, C.BLUR_PROB, image, apply_seed),
                           0.0, 1.0)
 
 
@@ -299,7 +291,7 @@ def random_blur(image, height, *, seed):
 def preprocess_for_train(image, height, width, *, seed,
                          color_jitter_strength=1.0, crop=True, flip=True,
                          impl='simclrv2', blur=False, color_distort=True):
-  """One random training view of `image` (DESIGN §3).
+  """One random training view of `image` (module docstring).
 
   Args:
     image: [H, W, C] uint8 (0..255) or float (0..1), C ∈ {1, 3}.
@@ -316,7 +308,7 @@ def preprocess_for_train(image, height, width, *, seed,
   Returns:
     float32 [height, width, 3] in [0, 1].
   """
-  _check_impl(impl)
+  C.jitter_ranges(color_jitter_strength, impl)  # Checks impl.
   crop_seed, finish_seed = view_seeds(seed)
   image = _ensure_rgb(image)
   if crop:
@@ -327,21 +319,6 @@ def preprocess_for_train(image, height, width, *, seed,
                      color_jitter_strength=color_jitter_strength, flip=flip,
                      impl=impl, blur=blur, color_distort=color_distort,
                      always_resize=crop)
-
-
-def preprocess_jpeg_for_train(encoded, height, width, *, seed, **kwargs):
-  """`preprocess_for_train(decode_jpeg(encoded), ...)`, decoding only the crop.
-
-  The crop window is drawn from the JPEG header's shape with the same seed,
-  then only that window is decoded (`decode_and_crop_jpeg`: libjpeg skips the
-  rows above and below it and the iMCU columns beside it), so the view equals
-  the one from the fully decoded image up to the decoder's chroma upsampling
-  at the window's edge. `encoded` must be a JPEG (see `tf.io.is_jpeg`);
-  kwargs are those of `finish_view`.
-  """
-  crop_seed, finish_seed = view_seeds(seed)
-  image = decode_jpeg_window(encoded, height, width, seed=crop_seed)
-  return finish_view(image, height, width, seed=finish_seed, **kwargs)
 
 
 def view_seeds(seed):
@@ -363,25 +340,16 @@ def crop_window(image, offset, size):
                   tf.concat([size, [-1]], 0))
 
 
-def decode_jpeg_window(encoded, height, width, *, seed):
-  """The random crop of a JPEG (`sample_crop_window`), decoding only it."""
-  offset, size = sample_crop_window(tf.io.extract_jpeg_shape(encoded),
-                                    height, width, seed=seed)
-  return tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, size], 0),
-                                    channels=3)
-
-
 def finish_view(image, height, width, *, seed, color_jitter_strength=1.0,
                 flip=True, impl='simclrv2', blur=False, color_distort=True,
                 always_resize=True):
-  """A training view from its crop: flip, resize, colour, blur (DESIGN §3).
+  """A training view from its crop: flip, resize, colour, blur.
 
   The flip runs before the resize: on the uint8 crop it moves fewer bytes,
   and a bicubic resize with half-pixel centres commutes with a mirror, so
   the view is the same as flipping afterwards. `always_resize=False` keeps
   an image that already has the output size bit-exact (no crop, CIFAR).
   """
-  _check_impl(impl)
   flip_seed, color_seed, blur_seed = _split(seed, 3)
   if flip:
     image = random_flip_left_right(image, seed=flip_seed)

@@ -1,6 +1,6 @@
 """tfds → SimCLR views → host-local numpy batches, one shard per JAX process.
 
-Train stream of one process (DESIGN §5; CONTRACT "data"):
+Train stream of one process:
 
   raw records of this process's shard (tfds.even_splits; images left encoded)
     → [cache]
@@ -35,14 +35,16 @@ stl10's 'unlabelled' split).
 import functools
 import math
 import os
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax.data import augment
+# Registers the offline `mnist_offline` builder with tfds.
+from simclr_jax.data import mnist_offline  # pylint: disable=unused-import
 
-TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
 OFFLINE_DATASETS = ('mnist_offline',)  # Prepared on first use: no network.
 AUTOTUNE = tf.data.AUTOTUNE
 # tfds.testing.mock_data patches this method; see _under_mock_data. Read from
@@ -56,11 +58,6 @@ _REAL_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.__dict__[
 # ----------------------------------------------------------------------------
 # Config and dataset checks: all raised before any tf.data work.
 # ----------------------------------------------------------------------------
-def _get(config, key, default=None):
-  value = config.get(key, default)
-  return default if value is None else value
-
-
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -80,8 +77,7 @@ def _host_batch_size(global_batch_size, process_count, key):
 
 
 def _data_dir(config):
-  data_dir = _get(config, 'data_dir')
-  return os.path.expanduser(data_dir) if data_dir else None
+  return os.path.expanduser(config.data_dir) if config.data_dir else None
 
 
 def _under_mock_data():
@@ -97,7 +93,7 @@ def get_builder(config):
     ValueError: unknown dataset name, or a dataset that is not prepared in
       config.data_dir (the message gives the command that prepares it).
   """
-  name = _get(config, 'dataset')
+  name = config.dataset
   if not name:
     raise ValueError('config.dataset is empty; give a tfds dataset name, '
                      "e.g. 'cifar10', 'imagenet2012' or 'mnist_offline'.")
@@ -220,55 +216,32 @@ def _fold_in(seed, *data):
   return seed
 
 
-def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
-                impl='simclrv2', decode='once', color_on_device=False):
+def two_view_fn(image_size, *, color_jitter_strength, use_blur, impl,
+                color_on_device=False):
   """(encoded image, seed [2]) → two SimCLR views, float32 [2, S, S, 3].
 
-  `decode='once'` decodes each record once and crops both views from it.
-  `decode='crop'` decodes, for JPEG records, only each view's crop window
-  (`augment.decode_jpeg_window`, window drawn from the JPEG header); other
-  formats (PNG: CIFAR, MNIST) are still decoded once. Both give the same
-  views (up to JPEG chroma upsampling at the window edge); which is faster
-  depends on image and window sizes: on 256×256 JPEGs at 224 px, 'once'
-  (see throughput.py and the README's performance section).
-
+  The record is decoded once and both views are cropped from it.
   `color_on_device=True` stops after crop, flip and resize and returns
   (views, keys): keys are uint32 [2, 2], each view's raw threefry key for
   `device_augment.distort_view`, drawn from the view's seed, so the colour
   and blur the train step applies are a function of the same (seed, epoch,
   example, view) as the host path's.
   """
-  if decode not in ('crop', 'once'):
-    raise ValueError(f"decode must be 'crop' or 'once', got {decode!r}.")
-  # Everything after the crop, traced once and called for both views (and
-  # both decode paths): tracing the colour ops 4× cost seconds per pipeline.
+  # Everything after the crop, traced once and called for both views:
+  # tracing the colour ops per view cost seconds per pipeline.
   finish = tf.function(functools.partial(
       augment.finish_view, height=image_size, width=image_size,
       color_jitter_strength=color_jitter_strength, impl=impl,
       blur=use_blur and not color_on_device,
       color_distort=not color_on_device), autograph=False)
 
-  def crops_of_pixels(encoded, crop_seeds):
-    image = decode_image(encoded)
-    windows = [augment.sample_crop_window(tf.shape(image), image_size,
-                                          image_size, seed=s)
-               for s in crop_seeds]
-    return tuple(augment.crop_window(image, *w) for w in windows)
-
-  def crops_of_jpeg(encoded, crop_seeds):
-    return tuple(augment.decode_jpeg_window(encoded, image_size, image_size,
-                                            seed=s) for s in crop_seeds)
-
   def two_views(encoded, seed):
     view_seeds = [augment.view_seeds(s) for s in
                   tf.unstack(tf.random.experimental.stateless_split(seed, 2))]
-    crop_seeds = [s[0] for s in view_seeds]
-    if decode == 'once':
-      crops = crops_of_pixels(encoded, crop_seeds)
-    else:
-      crops = tf.cond(tf.io.is_jpeg(encoded),
-                      lambda: crops_of_jpeg(encoded, crop_seeds),
-                      lambda: crops_of_pixels(encoded, crop_seeds))
+    image = decode_image(encoded)
+    crops = [augment.crop_window(image, *augment.sample_crop_window(
+        tf.shape(image), image_size, image_size, seed=s[0]))
+             for s in view_seeds]
     views = tf.stack([finish(crop, seed=s[1])
                       for crop, s in zip(crops, view_seeds)])
     if not color_on_device:
@@ -279,23 +252,15 @@ def two_view_fn(image_size, *, color_jitter_strength=1.0, use_blur=False,
   return two_views
 
 
-def augmentation_impl(config):
-  """config.augmentation_impl ('simclrv2' default, or 'simclrv1'), checked."""
-  impl = _get(config, 'augmentation_impl', 'simclrv2')
-  augment._check_impl(impl)  # pylint: disable=protected-access
-  return impl
-
-
 def _train_preprocess_fn(config, pretrain):
   """(encoded, seed) → dict of the training example's image(s) (and keys)."""
   size = int(config.image_size)
   if pretrain:
-    on_device = _get(config, 'color_augment', 'host') == 'device'
+    on_device = config.color_augment == 'device'
     two_views = two_view_fn(
-        size, color_jitter_strength=float(_get(config, 'color_jitter_strength',
-                                               1.0)),
-        use_blur=bool(_get(config, 'use_blur', False)),
-        impl=augmentation_impl(config), color_on_device=on_device)
+        size, color_jitter_strength=float(config.color_jitter_strength),
+        use_blur=bool(config.use_blur), impl=config.augmentation_impl,
+        color_on_device=on_device)
     if on_device:
       def views_and_keys(encoded, seed):
         views, keys = two_views(encoded, seed)
@@ -319,19 +284,16 @@ def create_train_iterator(config, *, seed, start_step=0, process_index=None,
   """Infinite iterator of this process's training batches (see module doc).
 
   Args:
-    config: keys dataset, data_dir, train_split, image_size, train_batch_size
-      (global), train_mode, color_jitter_strength, use_blur; optional
-      cache_dataset (cache the encoded records in memory), shuffle_buffer_size
-      (default host batch × 50 at ≤ 32 px, × 10 above, as the reference).
+    config: the experiment config (dataset, data_dir, train_split,
+      image_size, train_batch_size (global), train_mode, the augmentation's
+      keys, cache_dataset, shuffle_buffer_size).
     seed: python int; with the step it determines every batch.
     start_step: the first batch yielded is batch `start_step` of the stream.
     process_index, process_count: this process's shard; default
       jax.process_index() / jax.process_count().
   """
   process_index, process_count = _process(process_index, process_count)
-  train_mode = _get(config, 'train_mode', 'pretrain')
-  if train_mode not in TRAIN_MODES:
-    raise ValueError(f'Unknown train_mode {train_mode!r}; allowed: {TRAIN_MODES}.')
+  train_mode = config.train_mode
   host_batch = _host_batch_size(int(config.train_batch_size), process_count,
                                 'train_batch_size')
   if start_step < 0:
@@ -349,13 +311,14 @@ def create_train_iterator(config, *, seed, start_step=0, process_index=None,
   shard_offset = sum(shard_sizes[:process_index])
   preprocess = _train_preprocess_fn(config, train_mode == 'pretrain')
   size = int(config.image_size)
-  buffer_size = int(_get(config, 'shuffle_buffer_size',
-                         host_batch * (50 if size <= 32 else 10)))
+  # The reference's buffer: host batch × 50 at <= 32 px, × 10 above.
+  buffer_size = int(config.shuffle_buffer_size or
+                    host_batch * (50 if size <= 32 else 10))
   buffer_size = max(1, min(buffer_size, shard_size))
   base_seed = _seed_tensor(int(seed))
 
   records = _raw_dataset(builder, shards[process_index])
-  if _get(config, 'cache_dataset', _get(config, 'cache', False)):
+  if config.cache_dataset:
     records = records.cache()
   records = records.enumerate()  # (index within the shard, (bytes, label)).
 
@@ -415,7 +378,7 @@ def create_eval_iterator(config, *, process_index=None, process_count=None):
             'mask': tf.constant(True)}
 
   ds = _raw_dataset(builder, shards[process_index])
-  if _get(config, 'cache_dataset', _get(config, 'cache', False)):
+  if config.cache_dataset:
     ds = ds.cache()
   ds = ds.map(decode_and_preprocess, num_parallel_calls=AUTOTUNE,
               deterministic=True)
@@ -426,3 +389,40 @@ def create_eval_iterator(config, *, process_index=None, process_count=None):
   ds = ds.concatenate(padding).batch(host_batch, drop_remainder=True)
   ds = ds.prefetch(AUTOTUNE).with_options(tf_data_options(deterministic=True))
   return ds.as_numpy_iterator()
+
+
+# ----------------------------------------------------------------------------
+# What training reads.
+# ----------------------------------------------------------------------------
+class Data(NamedTuple):
+  """A dataset as training sees it: its sizes and its batch iterators.
+
+  train_batches(start_step): this process's training batches from that step.
+  eval_batches(split): a finite iterator of eval batches over any split.
+  """
+  num_train_examples: int
+  num_classes: int
+  train_batches: Callable[[int], Iterator[dict]]
+  eval_batches: Callable[[str], Iterator[dict]]
+
+
+def create_data(config) -> Data:
+  """The config's dataset, checked: known, prepared, its splits exist.
+
+  Raises ValueError (one line for the user) when it is not usable.
+  """
+  train_size = num_examples(config, config.train_split)
+  if config.eval_split:
+    num_examples(config, config.eval_split)
+
+  def eval_batches(split):
+    split_config = config.copy_and_resolve_references()
+    with split_config.unlocked():
+      split_config.eval_split = split
+    return create_eval_iterator(split_config)
+
+  return Data(
+      num_train_examples=train_size, num_classes=num_classes(config),
+      train_batches=lambda start_step: create_train_iterator(
+          config, seed=config.seed, start_step=start_step),
+      eval_batches=eval_batches)

@@ -44,9 +44,9 @@ class ProjectionHead(nn.Module):
   `hiddens[-1]` is the projection. Layers are named `layer_{j}`, each with
   `dense` and `bn`. Outputs are in `dtype`.
   """
-  mode: str = 'nonlinear'
-  num_layers: int = 2
-  out_dim: int = 128
+  mode: str
+  num_layers: int
+  out_dim: int
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -58,10 +58,9 @@ class BatchNorm(nn.Module):
   running-average update as `nn.BatchNorm(momentum, epsilon)`. The difference
   is only the form of the normalisation: Flax computes (x − mean)·mul + bias
   on the whole activation, we fold mean and bias into one per-channel add, so
-  XLA keeps only x for the backward pass. On the bench that made our step no
-  slower than the plain-jax.jit baseline (it had been 2-3% slower, with 48%
-  more memory; README, performance). The normalisation runs in float32 and
-  is cast to `dtype`: in bfloat16, x·mul and −mean·mul would cancel.
+  XLA keeps only x for the backward pass (less memory; README, performance).
+  The normalisation runs in float32 and is cast to `dtype`: in bfloat16, x·mul
+  and −mean·mul would cancel.
   """
   use_running_average: bool
   momentum: float = BATCH_NORM_DECAY

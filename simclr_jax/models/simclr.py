@@ -20,45 +20,49 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax import config as config_lib
 from simclr_jax.models.heads import ProjectionHead
 from simclr_jax.models.resnet import ResNet
 
-TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
+# The field defaults are the config's (one definition of each default).
+_DEFAULTS = config_lib.base_config()
 
 
 class SimCLRModel(nn.Module):
   """Backbone + projection head + optional `supervised_head`.
 
-  `__call__(images, train)` -> `(representation, projection, supervised_logits)`
-  in float32; `supervised_logits` is None when no classifier is built
-  (pretrain without lineareval_while_pretraining).
+  `__call__(images, train)` -> a dict of named float32 outputs:
+    'representation': h, the backbone's pooled output [N, width];
+    'projection': z = g(h) [N, proj_out_dim], what NT-Xent compares;
+    'logits': the supervised head's [N, num_classes], absent when no
+      classifier is built (pretrain without lineareval_while_pretraining).
 
   `fine_tune_after_block` only acts in finetune mode (the reference rejects it
   in pretraining; linear_eval freezes the whole backbone anyway).
   """
-  resnet_depth: int = 50
-  width_multiplier: int = 1
-  sk_ratio: float = 0.0
-  cifar_stem: bool = False
-  proj_head_mode: str = 'nonlinear'
-  num_proj_layers: int = 2
-  proj_out_dim: int = 128
-  ft_proj_selector: int = 0
+  resnet_depth: int = _DEFAULTS.resnet_depth
+  width_multiplier: int = _DEFAULTS.width_multiplier
+  sk_ratio: float = _DEFAULTS.sk_ratio
+  cifar_stem: bool = False  # Derived: image_size <= 32.
+  proj_head_mode: str = _DEFAULTS.proj_head_mode
+  num_proj_layers: int = _DEFAULTS.num_proj_layers
+  proj_out_dim: int = _DEFAULTS.proj_out_dim
+  ft_proj_selector: int = _DEFAULTS.ft_proj_selector
   num_classes: Optional[int] = None
-  train_mode: str = 'pretrain'
-  lineareval_while_pretraining: bool = True
-  fine_tune_after_block: int = -1
-  dtype: Any = jnp.float32
-  remat: bool = False
+  train_mode: str = _DEFAULTS.train_mode
+  lineareval_while_pretraining: bool = _DEFAULTS.lineareval_while_pretraining
+  fine_tune_after_block: int = _DEFAULTS.fine_tune_after_block
+  dtype: Any = jnp.dtype(_DEFAULTS.dtype)
+  remat: bool = _DEFAULTS.remat
 
   def has_supervised_head(self) -> bool:
     return self.train_mode != 'pretrain' or self.lineareval_while_pretraining
 
   @nn.compact
   def __call__(self, images, train: bool):
-    if self.train_mode not in TRAIN_MODES:
+    if self.train_mode not in config_lib.TRAIN_MODES:
       raise ValueError(f'Unknown train_mode {self.train_mode!r}; '
-                       f'expected one of {TRAIN_MODES}.')
+                       f'expected one of {config_lib.TRAIN_MODES}.')
     if self.has_supervised_head() and not self.num_classes:
       raise ValueError(f'train_mode={self.train_mode!r} (lineareval_while_'
                        f'pretraining={self.lineareval_while_pretraining}) '
@@ -83,7 +87,8 @@ class SimCLRModel(nn.Module):
                        f'{self.proj_head_mode!r} head has {len(hiddens) - 1} '
                        'layers.')
 
-    logits = None
+    outputs = {'representation': h.astype(jnp.float32),
+               'projection': projection.astype(jnp.float32)}
     if self.has_supervised_head():
       if self.train_mode == 'finetune':
         head_input = hiddens[self.ft_proj_selector]
@@ -95,33 +100,30 @@ class SimCLRModel(nn.Module):
                         kernel_init=nn.initializers.normal(stddev=0.01),
                         dtype=self.dtype, param_dtype=jnp.float32,
                         name='supervised_head')(head_input)
-      logits = logits.astype(jnp.float32)
-    return (h.astype(jnp.float32), projection.astype(jnp.float32), logits)
+      outputs['logits'] = logits.astype(jnp.float32)
+    return outputs
 
 
 def create_model(config, num_classes: Optional[int] = None) -> SimCLRModel:
-  """Builds a SimCLRModel from the flat config keys (DESIGN §4).
+  """Builds a SimCLRModel from the config's keys.
 
   Args:
-    config: ml_collections.ConfigDict (or any mapping with `.get`).
-    num_classes: number of classes; defaults to `config.num_classes`.
+    config: the experiment config (ml_collections.ConfigDict).
+    num_classes: width of the supervised head (the dataset's classes).
   """
-  get = config.get
-  if num_classes is None:
-    num_classes = get('num_classes', None)
   return SimCLRModel(
       resnet_depth=config.resnet_depth,
-      width_multiplier=get('width_multiplier', 1),
-      sk_ratio=get('sk_ratio', 0.0),
+      width_multiplier=config.width_multiplier,
+      sk_ratio=config.sk_ratio,
       cifar_stem=config.image_size <= 32,
-      proj_head_mode=get('proj_head_mode', 'nonlinear'),
-      num_proj_layers=get('num_proj_layers', 2),
-      proj_out_dim=get('proj_out_dim', 128),
-      ft_proj_selector=get('ft_proj_selector', 0),
+      proj_head_mode=config.proj_head_mode,
+      num_proj_layers=config.num_proj_layers,
+      proj_out_dim=config.proj_out_dim,
+      ft_proj_selector=config.ft_proj_selector,
       num_classes=num_classes,
-      train_mode=get('train_mode', 'pretrain'),
-      lineareval_while_pretraining=get('lineareval_while_pretraining', True),
-      fine_tune_after_block=get('fine_tune_after_block', -1),
-      dtype=jnp.dtype(get('dtype', 'float32')),
-      remat=get('remat', False),
+      train_mode=config.train_mode,
+      lineareval_while_pretraining=config.lineareval_while_pretraining,
+      fine_tune_after_block=config.fine_tune_after_block,
+      dtype=jnp.dtype(config.dtype),
+      remat=config.remat,
   )

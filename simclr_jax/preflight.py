@@ -1,0 +1,165 @@
+"""Every check that runs before anything compiles or touches a checkpoint.
+
+Bad input must cost no accelerator time and lose nothing already saved, so
+each check raises `BadInput` with the one line the user sees (main.py prints
+it as `simclr_jax: error: ...` and exits with code 2):
+  check_config      the config's values (config.validate) and its evaluators;
+  check_devices     the global batches against the device and process counts;
+  check_workdir     the workdir exists or can be made, and is writable;
+  check_dataset     the dataset is known and prepared, its splits exist
+                    (returns the pipeline.Data that training reads);
+  check_init_checkpoint  `init_checkpoint` exists and fits the model, path by
+                    path (shapes only; no array is read).
+Workdir and init_checkpoint may be URLs (gs://bucket/run): they are checked
+through TensorFlow's filesystems, the workdir by writing and deleting a probe.
+"""
+import os
+import socket
+
+import jax
+import jax.numpy as jnp
+
+from simclr_jax import config as config_lib
+from simclr_jax.evaluators import common as evaluators_common
+from simclr_jax.runtime import workdir_lock
+
+
+class BadInput(Exception):
+  """Input that cannot run; the message is the one line the user sees."""
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line (its type if it has none)."""
+  text = ' '.join(str(error).replace('\\n', ' ').split())
+  return text or type(error).__name__
+
+
+def check_config(config) -> None:
+  """The config's values: allowed keys, types and ranges, evaluators."""
+  try:
+    config_lib.validate(config)
+    evaluators_common.evaluator_entries(config)
+  except ValueError as e:
+    raise BadInput(one_line(e)) from None
+  if config.init_checkpoint and not workdir_lock.is_remote(
+      config.init_checkpoint) and not os.path.exists(config.init_checkpoint):
+    raise BadInput(f'config.init_checkpoint={config.init_checkpoint!r} is '
+                   'invalid: no such path.')
+
+
+def check_devices(config) -> None:
+  """The global batches split over all devices and processes of the job."""
+  try:
+    config_lib.validate_for_devices(config, device_count=jax.device_count(),
+                                    process_count=jax.process_count())
+  except ValueError as e:
+    raise BadInput(one_line(e)) from None
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists (or can be made) and is writable."""
+  if workdir_lock.is_remote(workdir):
+    _check_remote_workdir(workdir)
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise BadInput(f'--workdir={workdir!r} exists and is not a directory.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise BadInput(f'--workdir={workdir!r} cannot be created: '
+                   f'{e.strerror}.') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise BadInput(f'--workdir={workdir!r} is not writable.')
+  # os.access trusts permission bits; a read-only mount or a full disk only
+  # shows on an actual write.
+  probe = os.path.join(workdir, f'.simclr_jax_write_test.{os.getpid()}')
+  try:
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise BadInput(f'--workdir={workdir!r} is not writable: '
+                   f'{e.strerror}.') from None
+
+
+def _check_remote_workdir(workdir: str) -> None:
+  """A URL workdir (gs://...): permissions only show on an actual write.
+
+  tf.io.gfile, as etils.epath uses for gs:// (os calls would make a local
+  `gs:/bucket/...` directory). An unknown scheme, a missing bucket or missing
+  credentials all fail here, before the lock and any compile.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  gfile = tf.io.gfile
+  probe = (f'{workdir.rstrip("/")}/.simclr_jax_write_test.'
+           f'{socket.gethostname()}.{os.getpid()}')
+  try:
+    if gfile.exists(workdir) and not gfile.isdir(workdir):
+      raise BadInput(f'--workdir={workdir!r} exists and is not a directory.')
+    gfile.makedirs(workdir)
+    with gfile.GFile(probe, 'w') as f:
+      f.write('ok')
+    gfile.remove(probe)
+  except BadInput:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # tf.errors.* (NotFound, PermissionDenied, Unimplemented scheme, ...).
+    raise BadInput(f'--workdir={workdir!r} is not writable: '
+                   f'{type(e).__name__}: {one_line(e)}') from None
+
+
+def check_dataset(config):
+  """The dataset as training reads it (pipeline.Data), or BadInput.
+
+  data/pipeline.py words the errors (a dataset that is not prepared gets the
+  `tfds build` command that prepares it).
+  """
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    return pipeline.create_data(config)
+  except ValueError as e:
+    raise BadInput(one_line(e)) from None
+
+
+def check_init_checkpoint(config, workdir: str, model) -> None:
+  """init_checkpoint exists and fits `model`, path by path (shapes only).
+
+  Skipped when the workdir holds a checkpoint: the run resumes from it and
+  does not read init_checkpoint.
+  """
+  from simclr_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config.init_checkpoint
+  if not path or checkpoint.latest_step(workdir) is not None:
+    return
+  if workdir_lock.is_remote(path):
+    _check_remote_path(path)
+  try:
+    pretrained = checkpoint.pretrained_shapes(path)
+  except (OSError, ValueError) as e:
+    raise BadInput(f'config.init_checkpoint={path!r} cannot be read: '
+                   f'{one_line(e)}') from None
+  size = config.image_size
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0),
+                         jnp.zeros((2, size, size, 3), jnp.float32),
+                         train=False))
+  reinit = checkpoint.init_checkpoint_reinit(config, pretrained['params'])
+  try:
+    for what in ('params', 'batch_stats'):
+      checkpoint.check_shapes(variables.get(what, {}), pretrained[what],
+                              reinit=reinit, what=what)
+  except ValueError as e:
+    raise BadInput(f'config.init_checkpoint={path!r} does not fit the model: '
+                   f'{one_line(e)}') from None
+
+
+def _check_remote_path(path: str) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    exists = tf.io.gfile.exists(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadInput(f'config.init_checkpoint={path!r} cannot be read: '
+                   f'{type(e).__name__}: {one_line(e)}') from None
+  if not exists:
+    raise BadInput(f'config.init_checkpoint={path!r} is invalid: no such '
+                   'path.')

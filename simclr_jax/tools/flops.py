@@ -1,0 +1,99 @@
+"""Analytic FLOP counts for ResNet v1 and accelerator peaks, for MFU.
+
+The count walks the architecture (models/resnet.py) layer by layer, independently of
+the Flax code, so the bench can cross-check it against XLA's cost analysis of
+the compiled step. A FLOP is a multiply or an add: one multiply-accumulate is
+2 FLOPs. Only convolutions and dense layers are counted (BN, ReLU, pooling
+and the loss are < 1% for ResNets).
+"""
+
+BLOCKS_PER_GROUP = {
+    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3),
+}
+GROUP_FILTERS = (64, 128, 256, 512)
+
+
+def _conv_macs(h, w, k, cin, cout, stride):
+  out_h, out_w = -(-h // stride), -(-w // stride)  # SAME padding.
+  return out_h * out_w * k * k * cin * cout, out_h, out_w
+
+
+def resnet_forward_flops(depth, *, image_size, width_multiplier=1,
+                         cifar_stem=False, head_dims=(), num_classes=0):
+  """Forward FLOPs of one image through ResNet v1 (+ optional dense layers).
+
+  Args:
+    depth: 18, 34, 50, 101, 152 or 200.
+    image_size: square input side in pixels.
+    width_multiplier: channel multiplier of every layer.
+    cifar_stem: 3×3 stride-1 stem without max-pool instead of 7×7/2 + pool/2.
+    head_dims: widths of dense layers after pooling (the projection head).
+    num_classes: width of a final classifier (0 for none).
+  Returns:
+    FLOPs (2 × multiply-accumulates) for one image, forward only.
+  """
+  if depth not in BLOCKS_PER_GROUP:
+    raise ValueError(f"resnet depth {depth} not in {sorted(BLOCKS_PER_GROUP)}")
+  bottleneck = depth >= 50
+  expansion = 4 if bottleneck else 1
+  h = w = image_size
+  stem_width = 64 * width_multiplier
+  if cifar_stem:
+    macs, h, w = _conv_macs(h, w, 3, 3, stem_width, 1)
+  else:
+    macs, h, w = _conv_macs(h, w, 7, 3, stem_width, 2)
+    h, w = -(-h // 2), -(-w // 2)  # 3×3/2 max-pool.
+  cin = stem_width
+  for group, num_blocks in enumerate(BLOCKS_PER_GROUP[depth]):
+    filters = GROUP_FILTERS[group] * width_multiplier
+    for block in range(num_blocks):
+      stride = 2 if (block == 0 and group > 0) else 1
+      cout = filters * expansion
+      if cin != cout or stride != 1:  # Projection shortcut (1×1, strided).
+        m, _, _ = _conv_macs(h, w, 1, cin, cout, stride)
+        macs += m
+      if bottleneck:  # 1×1 reduce, 3×3 (carries the stride), 1×1 expand.
+        m1, _, _ = _conv_macs(h, w, 1, cin, filters, 1)
+        m2, oh, ow = _conv_macs(h, w, 3, filters, filters, stride)
+        m3, _, _ = _conv_macs(oh, ow, 1, filters, cout, 1)
+        macs += m1 + m2 + m3
+      else:
+        m1, oh, ow = _conv_macs(h, w, 3, cin, filters, stride)
+        m2, _, _ = _conv_macs(oh, ow, 3, filters, filters, 1)
+        macs += m1 + m2
+      h, w, cin = oh, ow, cout
+  for dim in tuple(head_dims) + ((num_classes,) if num_classes else ()):
+    macs += cin * dim
+    cin = dim
+  return 2 * macs
+
+
+def train_step_flops(forward_flops_per_image, images_per_step):
+  """Forward + backward ≈ 3× forward (input and weight gradients, 1× each)."""
+  return 3 * forward_flops_per_image * images_per_step
+
+
+# Dense peak FLOP/s per JAX device, by device_kind substring and compute dtype.
+# On TPU v2/v3 a JAX device is one TensorCore (half a chip); from v4 on, one chip.
+# Sources: Cloud TPU system architecture pages; NVIDIA A100/H100/H200 datasheets
+# (SXM, dense, no sparsity; float32 = TF32 tensor-core rate).
+PEAK_FLOPS = (
+    ("TPU v3", {"bfloat16": 61.5e12, "float32": 61.5e12}),
+    ("TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12, "float32": 197e12}),
+    ("TPU v5e", {"bfloat16": 197e12, "float32": 197e12}),
+    ("TPU v5p", {"bfloat16": 459e12, "float32": 459e12}),
+    ("TPU v5", {"bfloat16": 459e12, "float32": 459e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494e12}),
+    ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+)
+
+
+def peak_flops_per_device(device_kind, dtype):
+  """Peak FLOP/s of one device, or None where unknown (CPUs)."""
+  for kind, peaks in PEAK_FLOPS:
+    if kind.lower() in device_kind.lower():
+      return peaks.get(str(dtype))
+  return None

@@ -1,0 +1,114 @@
+"""preflight.py: the checks that run before anything compiles, in-process.
+
+(test_main.py runs the same checks through `python -m simclr_jax.main`.)
+"""
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simclr_jax import config as config_lib
+from simclr_jax import models
+from simclr_jax import preflight
+from simclr_jax.runtime import checkpoint
+
+from conftest import config_file
+
+
+def test_workdir_that_is_not_writable(tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip('root writes through permission bits')
+  wd = tmp_path / 'ro'
+  wd.mkdir()
+  wd.chmod(0o555)
+  try:
+    with pytest.raises(preflight.BadInput, match='not writable'):
+      preflight.check_workdir(str(wd))
+  finally:
+    wd.chmod(0o755)
+
+
+def _demo_config(**overrides):
+  config = runpy.run_path(config_file('demo'))['get_config']()
+  with config.unlocked():
+    config.update(overrides)
+  return config
+
+
+def test_unknown_dataset_and_split():
+  with pytest.raises(preflight.BadInput, match="Unknown dataset 'no_such_set'"):
+    preflight.check_dataset(_demo_config(dataset='no_such_set'))
+  with pytest.raises(preflight.BadInput,
+                     match=r"Unknown split 'valid'.*\['test', 'train'\]"):
+    preflight.check_dataset(_demo_config(eval_split='valid'))
+
+
+def _abstract_variables(config, num_classes=10):
+  model = models.create_model(config, num_classes)
+  size = config.image_size
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False))
+
+
+def _save_variables(path, variables, *, bad_path=None):
+  """Writes zeros shaped like `variables` (one leaf widened) as a backbone."""
+  def zeros(p, leaf):
+    shape = tuple(leaf.shape)
+    if checkpoint._path_str(p) == bad_path:  # pylint: disable=protected-access
+      shape = shape[:-1] + (shape[-1] + 1,)
+    return np.zeros(shape, leaf.dtype)
+  tree = jax.tree_util.tree_map_with_path(zeros, {
+      'params': variables['params'],
+      'batch_stats': variables['batch_stats']})
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+
+
+def test_init_checkpoint_shape_mismatch_names_the_path(tmp_path):
+  pretrain = _demo_config()
+  variables = _abstract_variables(pretrain)
+  bad = 'resnet/block_group2_block0/conv1/kernel'
+  _save_variables(str(tmp_path / 'bad'), variables, bad_path='params/' + bad)
+  _save_variables(str(tmp_path / 'good'), variables)
+
+  linear = _demo_config(train_mode='linear_eval',
+                        init_checkpoint=str(tmp_path / 'bad'))
+  model = models.create_model(linear, 10)
+  empty = tmp_path / 'empty_workdir'
+  with pytest.raises(preflight.BadInput, match=(
+      f"does not fit the model: .*params path '{bad}' has shape "
+      r'\(3, 3, 64, 129\) in the checkpoint but \(3, 3, 64, 128\)')):
+    preflight.check_init_checkpoint(linear, str(empty), model)
+
+  # The same file with the right shapes passes; so does a workdir that
+  # already holds a checkpoint (the run resumes and never reads it).
+  linear.init_checkpoint = str(tmp_path / 'good')
+  preflight.check_init_checkpoint(linear, str(empty), model)
+
+  linear.init_checkpoint = str(tmp_path)  # No checkpoint there.
+  with pytest.raises(preflight.BadInput, match='no Orbax checkpoint'):
+    preflight.check_init_checkpoint(linear, str(empty), model)
+
+
+def test_remote_workdir_is_probed_with_a_write(tmp_path, monkeypatch):
+  from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  url = f'ram://main_test/{tmp_path.name}/run'
+  preflight.check_workdir(url)
+  assert gfile.isdir(url) and gfile.listdir(url) == []  # Probe deleted.
+  with gfile.GFile(f'{url}/a_file', 'w') as f:
+    f.write('x')
+  with pytest.raises(preflight.BadInput, match='exists and is not a directory'):
+    preflight.check_workdir(f'{url}/a_file')
+  assert os.listdir(tmp_path) == []  # Nothing local named after the URL.
+
+  config = _demo_config(init_checkpoint=f'{url}/missing')
+  with pytest.raises(preflight.BadInput, match=r"init_checkpoint='ram://.*' is "
+                     'invalid: no such path'):
+    preflight.check_init_checkpoint(config, str(tmp_path / 'new'), None)
+  gfile.rmtree(url)
