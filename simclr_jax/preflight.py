@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from simclr_jax import config as config_lib
 from simclr_jax.evaluators import common as evaluators_common
-from simclr_jax.runtime import workdir_lock
+from simclr_jax.runtime import files
 
 
 class BadInput(Exception):
@@ -41,7 +41,7 @@ def check_config(config) -> None:
     evaluators_common.evaluator_entries(config)
   except ValueError as e:
     raise BadInput(one_line(e)) from None
-  if config.init_checkpoint and not workdir_lock.is_remote(
+  if config.init_checkpoint and not files.is_remote(
       config.init_checkpoint) and not os.path.exists(config.init_checkpoint):
     raise BadInput(f'config.init_checkpoint={config.init_checkpoint!r} is '
                    'invalid: no such path.')
@@ -58,7 +58,7 @@ def check_devices(config) -> None:
 
 def check_workdir(workdir: str) -> None:
   """The workdir exists (or can be made) and is writable."""
-  if workdir_lock.is_remote(workdir):
+  if files.is_remote(workdir):
     _check_remote_workdir(workdir)
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -131,7 +131,7 @@ def check_init_checkpoint(config, workdir: str, model) -> None:
   path = config.init_checkpoint
   if not path or checkpoint.latest_step(workdir) is not None:
     return
-  if workdir_lock.is_remote(path):
+  if files.is_remote(path):
     _check_remote_path(path)
   try:
     pretrained = checkpoint.pretrained_shapes(path)

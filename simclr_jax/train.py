@@ -19,7 +19,7 @@ run resumed from a checkpoint at step k continues bit for bit like a run that
 never stopped.
 """
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple
 
 from absl import logging
 from clu import metric_writers

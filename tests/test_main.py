@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-from simclr_jax import main
 from simclr_jax.runtime import checkpoint
 from simclr_jax.runtime import workdir_lock
 

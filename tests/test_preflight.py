@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import config as config_lib
 from simclr_jax import models
 from simclr_jax import preflight
 from simclr_jax.runtime import checkpoint

@@ -21,7 +21,7 @@ than torchvision's (11,180,736 backbone parameters with the ImageNet stem); the
 bottleneck networks' first blocks change the channel count anyway (ResNet-50
 1x: 23,508,032).
 """
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -7,7 +7,8 @@ Layout under a run's workdir:
       {'step': int32 [], 'params': ..., 'batch_stats': ...,
        'opt_state': ..., 'rng': uint32 [2]}
   workdir/backbone/...                   exported parameters alone, for use
-      elsewhere: {'params': ..., 'batch_stats': ...} without the heads.
+      elsewhere: {'params': ..., 'batch_stats': ...} without the heads;
+      a later export replaces it, but nothing else is written over.
 
 Saves are asynchronous (training continues while the arrays are written) and
 atomic: Orbax writes into a temporary directory and renames it when complete,
@@ -16,7 +17,8 @@ restore; Orbax coordinates who writes what. A half-written step (the process
 was killed mid-save) stays an `<step>.orbax-checkpoint-tmp-*` directory that
 resuming ignores; a finished step that no longer reads (truncated or deleted
 array files) is skipped for the previous one and renamed `<step>.corrupt`.
-Nothing is deleted except by the keep-N retention of numbered steps.
+Nothing is deleted except by the keep-N retention of numbered steps and
+a new backbone export replacing the previous one.
 
 Remote workdirs (a URL: `gs://bucket/run`; `ram://` in tests): Orbax reaches
 them through etils.epath; the listing, existence checks and renames here use
@@ -26,7 +28,7 @@ GCS has no atomic directory rename, so Orbax marks a finished step there with
 a `commit_success.txt` file instead; a numbered step directory on gs:// that
 lacks it is half-written and is not counted. Setting an unreadable step aside
 on gs:// is a copy-and-delete of its objects (slow for a big step, but
-rare). Local paths take the os/os.path calls exactly as before.
+rare). runtime/files.py picks os or tf.io.gfile per path.
 """
 import os
 import re
@@ -37,10 +39,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from simclr_jax.runtime.workdir_lock import is_remote
+from simclr_jax.runtime import files
+from simclr_jax.runtime import owned_output
 
 CHECKPOINT_DIR = 'checkpoints'
 BACKBONE_DIR = 'backbone'
+EXPORT_WRITER = 'simclr_jax backbone export'
 # Saved state items, in the order of the docstring above.
 STATE_KEYS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Top-level parameter collections that are heads, not backbone.
@@ -51,41 +55,6 @@ COMMIT_FILE_PREFIXES = ('gs://',)
 COMMIT_FILE = 'commit_success.txt'
 
 
-# ----------------------------------------------------------------------------
-# Files: os for local paths, tf.io.gfile for URLs.
-# ----------------------------------------------------------------------------
-def _gfile():
-  # Imported only for remote paths: TensorFlow takes seconds to import.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
-
-
-def _abspath(path: str) -> str:
-  return path.rstrip('/') if is_remote(path) else os.path.abspath(path)
-
-
-def _isdir(path: str) -> bool:
-  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
-
-
-def _exists(path: str) -> bool:
-  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def _listdir(path: str) -> Iterable[str]:
-  if is_remote(path):
-    # GCS lists subdirectories as 'name/'.
-    return [name.rstrip('/') for name in _gfile().listdir(path)]
-  return os.listdir(path)
-
-
-def _rename(src: str, dst: str) -> None:
-  if is_remote(src):
-    _gfile().rename(src, dst)
-  else:
-    os.rename(src, dst)
-
-
 def create_manager(workdir: str, *, keep: int,
                    async_save: bool = True) -> ocp.CheckpointManager:
   """The run's CheckpointManager on `workdir/checkpoints`, keeping `keep`."""
@@ -93,7 +62,7 @@ def create_manager(workdir: str, *, keep: int,
       max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(
-      os.path.join(_abspath(workdir), CHECKPOINT_DIR),
+      os.path.join(files.abspath(workdir), CHECKPOINT_DIR),
       options=options, item_names=('state',))
 
 
@@ -165,10 +134,10 @@ def _set_aside(manager, step) -> None:
   if jax.process_index() == 0:
     src = _step_dir(manager, step)
     dst, n = src + '.corrupt', 0
-    while _exists(dst):
+    while files.exists(dst):
       n += 1
       dst = f'{src}.corrupt.{n}'
-    _rename(src, dst)
+    files.rename(src, dst)
     logging.error('Set the unreadable checkpoint aside: %s -> %s', src, dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -189,11 +158,12 @@ def _abstract(x):
 def _numeric_subdirs(path: str) -> Iterable[int]:
   """Finished step directories: numbered, and committed where GCS needs it."""
   needs_commit_file = path.startswith(COMMIT_FILE_PREFIXES)
-  for name in _listdir(path):
+  for name in files.listdir(path):
     step_dir = os.path.join(path, name)
-    if not re.fullmatch(r'\d+', name) or not _isdir(step_dir):
+    if not re.fullmatch(r'\d+', name) or not files.isdir(step_dir):
       continue
-    if needs_commit_file and not _exists(os.path.join(step_dir, COMMIT_FILE)):
+    if needs_commit_file and not files.exists(
+        os.path.join(step_dir, COMMIT_FILE)):
       continue  # Half-written: Orbax has not committed it.
     yield int(name)
 
@@ -204,15 +174,15 @@ def resolve_checkpoint_path(path: str) -> str:
   Accepted: a run's workdir, its `checkpoints/` directory (newest step), one
   step directory, or an exported backbone directory.
   """
-  path = _abspath(path)
-  if not _isdir(path):
+  path = files.abspath(path)
+  if not files.isdir(path):
     raise FileNotFoundError(f'init_checkpoint {path!r} is not a directory.')
-  if _isdir(os.path.join(path, CHECKPOINT_DIR)):
+  if files.isdir(os.path.join(path, CHECKPOINT_DIR)):
     path = os.path.join(path, CHECKPOINT_DIR)
   steps = sorted(_numeric_subdirs(path))
   if steps:
     path = os.path.join(path, str(steps[-1]))
-  if _isdir(os.path.join(path, 'state')):
+  if files.isdir(os.path.join(path, 'state')):
     path = os.path.join(path, 'state')
   return path
 
@@ -352,14 +322,31 @@ def export_backbone(state, path: str) -> str:
   """Writes {'params', 'batch_stats'} of the backbone to `path` (synchronous).
 
   The result loads with `load_pretrained(path)` or as `init_checkpoint`.
+  A previous export at `path` is replaced; anything else there is left
+  untouched and raises FileExistsError (runtime/owned_output.py).
   """
-  path = _abspath(path)
+  path = files.abspath(path)
+  refusal = owned_output.refusal(path, EXPORT_WRITER)
+  if refusal:
+    raise FileExistsError(
+        f'Not exporting the backbone: {refusal}. Move it away and run the '
+        'same command again: it resumes from the final checkpoint and '
+        'exports.')
+  if jax.process_count() > 1:
+    # Every process has looked before the primary one replaces anything.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('export_backbone_checked')
   tree = {'params': backbone_only(state.params),
           'batch_stats': backbone_only(state.batch_stats)}
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, tree, force=True)
+  # Orbax writes a temporary directory and renames it when complete; with
+  # force it first removes what is at `path`: nothing, an empty directory or
+  # a previous export, as checked above.
+  checkpointer.save(path, tree, force=files.exists(path))
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if jax.process_index() == 0:
+    owned_output.write_marker(path, EXPORT_WRITER)
   logging.info('Exported backbone parameters to %s.', path)
   return path
 
@@ -367,7 +354,7 @@ def export_backbone(state, path: str) -> str:
 def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
   """Steps of the complete checkpoints under `workdir` (for tests and tools)."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not _isdir(directory):
+  if not files.isdir(directory):
     return ()
   return tuple(sorted(_numeric_subdirs(directory)))
 

@@ -36,20 +36,12 @@ import uuid
 
 from absl import logging
 
+from simclr_jax.runtime import files
+
 LOCK_NAME = "simclr_jax.lock"
 # Lock files this process holds (absolute paths): a lock naming this pid that
 # is not in here was left by an earlier, dead process whose pid was reused.
 _HELD = set()
-
-
-def is_remote(path) -> bool:
-  """A URL (gs://bucket/run; ram:// in tests) rather than a local path."""
-  return "://" in str(path)
-
-
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
 
 
 class WorkdirLockedError(RuntimeError):
@@ -71,7 +63,7 @@ class WorkdirLock:
 
   def __init__(self, workdir, *, stale_after_s=600.0, heartbeat_s=60.0,
                settle_s=2.0):
-    self.remote = is_remote(workdir)
+    self.remote = files.is_remote(workdir)
     if self.remote:
       workdir = workdir.rstrip("/")
     self.path = os.path.join(workdir, LOCK_NAME)
@@ -88,7 +80,7 @@ class WorkdirLock:
 
   def _read_owner(self):
     if self.remote:
-      gfile = _gfile()
+      gfile = files.gfile()
       try:
         with gfile.GFile(self.path) as f:
           return json.loads(f.read())
@@ -182,7 +174,7 @@ class WorkdirLock:
     # Whole record to a file of our own, then moved over the lock: readers
     # never see a partial record, and this works on filesystems whose "w"
     # does not truncate (TensorFlow's ram://).
-    gfile = _gfile()
+    gfile = files.gfile()
     tmp = f"{self.path}.{self._owner['token']}.tmp"
     with gfile.GFile(tmp, "w") as f:
       f.write(json.dumps(self._owner))
@@ -192,7 +184,7 @@ class WorkdirLock:
     time.sleep(self.settle_s)
 
   def _acquire_remote(self):
-    gfile = _gfile()
+    gfile = files.gfile()
     gfile.makedirs(os.path.dirname(self.path))
     if gfile.exists(self.path):
       owner = self._read_owner()
@@ -243,7 +235,7 @@ class WorkdirLock:
     owner = self._read_owner()
     if owner and self._owns_file(owner):
       if self.remote:
-        _gfile().remove(self.path)
+        files.gfile().remove(self.path)
       else:
         os.remove(self.path)
 

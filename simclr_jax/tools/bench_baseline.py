@@ -8,14 +8,12 @@ and no code of ours: plain `lax.conv_general_dilated`, dicts of arrays and one
 `jax.jit` over the data mesh. The loss is written on the global batch and XLA
 partitions it. If our step is slower than this, our layers cost something.
 """
-import functools
 import math
 
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 BN_DECAY, BN_EPS, LARGE_NUM = 0.9, 1e-5, 1e9
 LAYERS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)),

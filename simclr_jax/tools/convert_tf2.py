@@ -1,45 +1,47 @@
 r"""Converts the reference release's TF2 checkpoints to our Flax parameter tree.
 
-`python -m simclr_jax.tools.convert_tf2 --tf_checkpoint=PATH --out=DIR`
+`python -m simclr_jax.tools.convert_tf2 --tf_checkpoint=PATH --out=DIR [--overwrite]`
 
-PATH is a checkpoint of the reference's `tf2/` code (google-research/simclr):
-a released SavedModel directory (`r50_1x_sk0/saved_model`; its variables are
-read from `variables/variables`), a checkpoint prefix (`.../ckpt-1`) or a
-directory with a `checkpoint` file (newest). DIR receives an Orbax tree
-`{'params', 'batch_stats'}` that `config.init_checkpoint` accepts (see
-checkpoint.load_pretrained) for linear eval or fine-tuning here.
+PATH is a model of the reference's `tf2/` code (google-research/simclr):
+  - a released model directory (`r50_1x_sk0/`: its `saved_model/` is read),
+  - a SavedModel directory (`.../saved_model`, or the `saved_model/` of a
+    training run's model_dir, whose numbered exports `<step>/` the
+    reference's run.py writes: the newest is read),
+  - a checkpoint prefix (`.../ckpt-1`, or its `.index` file) or a directory
+    with a `checkpoint` file (the newest checkpoint).
+DIR receives an Orbax tree `{'params', 'batch_stats'}` that
+`config.init_checkpoint` accepts (see checkpoint.load_pretrained) for linear
+eval or fine-tuning here.
 
-TF2 checkpoints are keyed by the object graph of the Keras model, i.e. by the
-attribute names of the reference's layers (`tf2/model.py`, `tf2/resnet.py`):
-  .../resnet_model/initial_conv_relu_max_pool/{i}/conv2d/kernel     stem
-  .../resnet_model/block_groups/{g}/layers/{b}/projection_layers/{i}/...
-  .../resnet_model/block_groups/{g}/layers/{b}/conv_relu_dropblock_layers/{i}/
-      conv2d/kernel | bn/{gamma,beta,moving_mean,moving_variance}
-      | conv2d_fixed_padding/conv2d/kernel, batch_norm_relu/bn/..., conv2d_0/
-        kernel, batch_norm_relu_1/bn/..., conv2d_1/kernel     (SK conv, v2)
-  .../_projection_head/linear_layers/{j}/dense/kernel, bn_relu/bn/...
-  .../supervised_head/linear_layer/dense/{kernel,bias}
-Whatever precedes `resnet_model/` (`model/` in a training checkpoint) is the
-model's root; optimizer slots, the step counter and anything outside the
-model root are ignored. Layers without variables (padding, pooling, dropblock,
-identity) occupy list indices too, so layers are matched by their order and
-kind, never by index.
+How the checkpoint is read (training checkpoints and SavedModels alike):
+tf2_checkpoint.py.
 
-Depth, width multiplier, selective-kernel ratio, stem kind, projection head
-and classifier size are read from the checkpoint's shapes, and the result is
-checked leaf by leaf against `jax.eval_shape` of our `SimCLRModel` built with
-them. Kernels need no transposition: Keras Conv2D kernels are HWIO and Dense
-kernels [in, out], as Flax's.
+Depth, block kind, width multiplier, selective-kernel ratio, stem kind,
+projection head and classifier size are read from the checkpoint's shapes,
+and the result is checked leaf by leaf against `jax.eval_shape` of our
+`SimCLRModel` built with them. Kernels need no transposition: Keras Conv2D
+kernels are HWIO and Dense kernels [in, out], as Flax's. ResNet-18/34 have a
+projection shortcut on the first block of every group, as our ResNet does.
 
-Only bottleneck ResNets (depth >= 50: the released models) are converted. The
-reference's basic-block ResNets (18/34) put a projection shortcut on the first
-block where the shape does not change; our ResNet does not (see
-models/resnet.py), so those weights have no place here.
+Output. DIR must not exist or be empty; with `--overwrite` it may also hold
+a previous conversion, recognised by the marker file that every conversion
+writes into DIR, listing what it wrote (runtime/owned_output.py): a
+directory with anything else in it is refused even with `--overwrite`, so
+the converter never deletes a file it did not write. The tree is written into a hidden
+temporary directory beside DIR (`.DIR.convert_tf2-tmp-*`) and renamed to DIR
+when complete: an interrupted conversion never leaves a DIR that looks
+finished, and a failed one removes its temporary directory. (Killed between
+the two renames of a replacement, DIR is absent and the previous conversion
+is in that hidden directory.)
+
+Bad input (a missing or unreadable path, a checkpoint that is not the
+reference's model, an --out that may not be written) ends with one line on
+stderr, `convert_tf2: error: ...`, and exit code 2.
 """
-import collections
 import os
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+import sys
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -49,127 +51,103 @@ import numpy as np
 
 from simclr_jax.models import resnet as resnet_lib
 from simclr_jax.models.simclr import SimCLRModel
+from simclr_jax.runtime import owned_output
+from simclr_jax.tools.tf2_checkpoint import ConversionError
+from simclr_jax.tools.tf2_checkpoint import convs_and_bns
+from simclr_jax.tools.tf2_checkpoint import FlaxTree
+from simclr_jax.tools.tf2_checkpoint import indexed_layer_list
+from simclr_jax.tools.tf2_checkpoint import layer_kind
+from simclr_jax.tools.tf2_checkpoint import layer_list
+from simclr_jax.tools.tf2_checkpoint import one_line
+from simclr_jax.tools.tf2_checkpoint import read_tf_checkpoint
+from simclr_jax.tools.tf2_checkpoint import resolve_tf_checkpoint
 
-VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
-MODEL_ANCHOR = 'resnet_model/'
 # The SimCLRv2 default; any ratio giving the same gate widths is equivalent.
 DEFAULT_SK_RATIO = 0.0625
-
-
-class ConversionError(ValueError):
-  """The checkpoint is not one this converter understands (message says why)."""
-
-
-# ----------------------------------------------------------------------------
-# Reading the checkpoint.
-# ----------------------------------------------------------------------------
-def resolve_tf_checkpoint(path: str) -> str:
-  """The checkpoint prefix that PATH designates (see the module docstring)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if tf.io.gfile.isdir(path):
-    for candidate in (os.path.join(path, 'variables', 'variables'),
-                      os.path.join(path, 'saved_model', 'variables',
-                                   'variables')):
-      if tf.io.gfile.exists(candidate + '.index'):
-        return candidate
-    latest = tf.train.latest_checkpoint(path)
-    if latest:
-      return latest
-    raise ConversionError(f'{path!r} holds neither a SavedModel nor a '
-                          'checkpoint.')
-  if not tf.io.gfile.exists(path + '.index'):
-    raise ConversionError(f'{path!r} is not a TF checkpoint ({path}.index '
-                          'does not exist).')
-  return path
-
-
-def read_tf_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """{object path: value} of the model's variables, relative to its root."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  reader = tf.train.load_checkpoint(resolve_tf_checkpoint(path))
-  keys = [k[:-len(VALUE_SUFFIX)] for k in reader.get_variable_to_shape_map()
-          if k.endswith(VALUE_SUFFIX) and '.OPTIMIZER_SLOT' not in k]
-  roots = {k[:k.index(MODEL_ANCHOR)] for k in keys if MODEL_ANCHOR in k}
-  if len(roots) != 1:
-    raise ConversionError(
-        f'expected one model with a {MODEL_ANCHOR!r} in {path!r}, found '
-        f'{len(roots)} roots {sorted(roots)} (is it a checkpoint of the '
-        'reference tf2/ code?)')
-  root = roots.pop()
-  return {k[len(root):]: reader.get_tensor(k + VALUE_SUFFIX)
-          for k in keys if k.startswith(root)}
-
-
-# ----------------------------------------------------------------------------
-# Layers in order: a Keras layer list -> [(kind, {name: value})].
-# ----------------------------------------------------------------------------
-def _layer_list(variables: Mapping[str, np.ndarray], prefix: str
-                ) -> List[Dict[str, np.ndarray]]:
-  """The variables of `prefix/{i}/...`, one dict per index i, in index order."""
-  by_index = collections.defaultdict(dict)
-  pattern = re.compile(re.escape(prefix) + r'/(\d+)/(.+)')
-  for key, value in variables.items():
-    match = pattern.fullmatch(key)
-    if match:
-      by_index[int(match.group(1))][match.group(2)] = value
-  return [by_index[i] for i in sorted(by_index)]
-
-
-def _kind(layer: Mapping[str, np.ndarray]) -> str:
-  if 'conv2d/kernel' in layer and len(layer) == 1:
-    return 'conv'  # Conv2dFixedPadding.
-  if all(k.startswith('bn/') for k in layer):
-    return 'bn'  # BatchNormRelu.
-  if 'conv2d_fixed_padding/conv2d/kernel' in layer:
-    return 'sk'  # SK_Conv2D.
-  raise ConversionError(f'unknown layer with variables {sorted(layer)} (SE '
-                        'layers and other options are not supported).')
-
-
-def _bn(layer: Mapping[str, np.ndarray], prefix: str = 'bn/'):
-  """Keras BN variables -> ({'scale', 'bias'}, {'mean', 'var'})."""
-  params = {'scale': layer[prefix + 'gamma']}
-  if prefix + 'beta' in layer:  # The projection's last BN has no centre.
-    params['bias'] = layer[prefix + 'beta']
-  stats = {'mean': layer[prefix + 'moving_mean'],
-           'var': layer[prefix + 'moving_variance']}
-  return params, stats
-
-
-class _Tree:
-  """Accumulates `params` and `batch_stats` under one module path."""
-
-  def __init__(self):
-    self.params = {}
-    self.batch_stats = {}
-
-  def _at(self, tree, path):
-    for part in path:
-      tree = tree.setdefault(part, {})
-    return tree
-
-  def conv(self, path: Tuple[str, ...], kernel):
-    self._at(self.params, path)['kernel'] = kernel
-
-  def bn(self, path: Tuple[str, ...], layer, prefix='bn/'):
-    params, stats = _bn(layer, prefix)
-    self._at(self.params, path).update(params)
-    self._at(self.batch_stats, path).update(stats)
-
-
-def _convs_and_bns(layers, names: Tuple[str, ...], where: str):
-  """Pairs the conv layers of a list with the BN layer that follows each."""
-  kinds = [_kind(layer) for layer in layers]
-  expected = ['conv', 'bn'] * len(names)
-  if kinds != expected:
-    raise ConversionError(f'{where}: layers {kinds}, expected {expected}.')
-  return [(name, layers[2 * i]['conv2d/kernel'], layers[2 * i + 1])
-          for i, name in enumerate(names)]
+# Names this converter in the marker file of its output directories.
+WRITER = 'simclr_jax convert_tf2'
+EXIT_BAD_INPUT = 2
 
 
 # ----------------------------------------------------------------------------
 # The conversion.
 # ----------------------------------------------------------------------------
+# The reference's two block classes (tf2/resnet.py): the list holding the
+# projection shortcut of a group's first block, the list of the residual
+# branch, and the kinds of the branch's layers with variables.
+BLOCK_LAYOUTS = {
+    'basic': ('shortcut_layers', 'conv2d_bn_layers'),  # ResidualBlock
+    'bottleneck': ('projection_layers', 'conv_relu_dropblock_layers'),
+}
+
+
+def _convert_stem(tree: 'FlaxTree', take) -> str:
+  """Stem variables -> tree; returns 'cifar', 'imagenet' or 'resnet_d'."""
+  prefix = 'resnet_model/initial_conv_relu_max_pool'
+  stem = layer_list(take(prefix), prefix)
+  if len(stem) == 2:
+    pairs = convs_and_bns(stem, ('',), 'stem')
+    kernel_size = pairs[0][1].shape[0]
+    if kernel_size not in (3, 7):
+      raise ConversionError(f'stem conv is {kernel_size}x{kernel_size}; '
+                            'expected 3x3 (CIFAR) or 7x7 (ImageNet).')
+    stem_kind = 'cifar' if kernel_size == 3 else 'imagenet'
+  elif len(stem) == 6:
+    pairs = convs_and_bns(stem, ('0', '1', '2'), 'ResNet-D stem')
+    stem_kind = 'resnet_d'
+  else:
+    raise ConversionError(f'stem has {len(stem)} layers with variables; '
+                          'expected 2 (one conv) or 6 (ResNet-D).')
+  for suffix, kernel, bn in pairs:
+    tree.conv(('resnet', 'stem', 'conv' + suffix), kernel)
+    tree.bn(('resnet', 'stem', 'bn' + suffix), bn)
+  return stem_kind
+
+
+def _block_kind(keys, block: str, where: str) -> str:
+  kinds = [kind for kind, (_, branch) in BLOCK_LAYOUTS.items()
+           if any(k.startswith(f'{block}/{branch}/') for k in keys)]
+  if len(kinds) != 1:
+    found = sorted({k[len(block) + 1:].split('/')[0] for k in keys
+                    if k.startswith(block + '/')})
+    raise ConversionError(
+        f'{where}: expected the layer lists of a basic block '
+        f'{BLOCK_LAYOUTS["basic"]} or a bottleneck block '
+        f'{BLOCK_LAYOUTS["bottleneck"]}, found {found}.')
+  return kinds[0]
+
+
+def _convert_branch(tree: 'FlaxTree', kind: str, layers, path, where: str):
+  """A residual branch -> tree; the SK gate's (filters, width), or None."""
+  kinds = [layer_kind(layer) for layer in layers]
+  if kind == 'basic' and kinds == ['conv', 'bn'] * 2:
+    names = ('1', '2')
+  elif kind == 'bottleneck' and kinds == ['conv', 'bn'] * 3:
+    names = ('1', '2', '3')
+  elif kind == 'bottleneck' and kinds == ['conv', 'bn', 'sk', 'conv', 'bn']:
+    tree.conv(path + ('conv1',), layers[0]['conv2d/kernel'])
+    tree.bn(path + ('bn1',), layers[1])
+    sk = layers[2]
+    sk_path = path + ('sk_conv',)
+    tree.conv(sk_path + ('conv',), sk['conv2d_fixed_padding/conv2d/kernel'])
+    tree.bn(sk_path + ('bn',), sk, 'batch_norm_relu/bn/')
+    tree.conv(sk_path + ('gate_conv1',), sk['conv2d_0/kernel'])
+    tree.bn(sk_path + ('gate_bn',), sk, 'batch_norm_relu_1/bn/')
+    tree.conv(sk_path + ('gate_conv2',), sk['conv2d_1/kernel'])
+    tree.conv(path + ('conv3',), layers[3]['conv2d/kernel'])
+    tree.bn(path + ('bn3',), layers[4])
+    return layers[0]['conv2d/kernel'].shape[-1], sk['conv2d_0/kernel'].shape[-1]
+  else:
+    expected = ('(conv, bn) x 2' if kind == 'basic' else
+                '(conv, bn) x 3 or conv, bn, SK conv, conv, bn')
+    raise ConversionError(f'{where}: layers {kinds}; expected a {kind} block '
+                          f'{expected}.')
+  for name, kernel, bn in convs_and_bns(layers, names, where):
+    tree.conv(path + ('conv' + name,), kernel)
+    tree.bn(path + ('bn' + name,), bn)
+  return None
+
+
 def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
                                                           Dict[str, Any]]:
   """TF2 variables (from read_tf_checkpoint) -> (flax variables, model kwargs).
@@ -186,26 +164,8 @@ def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
     used.update(keys)
     return {k: variables[k] for k in keys}
 
-  tree = _Tree()
-  # --- Stem ---------------------------------------------------------------
-  stem = _layer_list(take('resnet_model/initial_conv_relu_max_pool'),
-                     'resnet_model/initial_conv_relu_max_pool')
-  if len(stem) == 2:
-    pairs = _convs_and_bns(stem, ('',), 'stem')
-    kernel_size = pairs[0][1].shape[0]
-    cifar_stem = kernel_size == 3
-    if kernel_size not in (3, 7):
-      raise ConversionError(f'stem conv is {kernel_size}x{kernel_size}; '
-                            'expected 3x3 (CIFAR) or 7x7 (ImageNet).')
-  elif len(stem) == 6:
-    pairs = _convs_and_bns(stem, ('0', '1', '2'), 'ResNet-D stem')
-    cifar_stem = False
-  else:
-    raise ConversionError(f'stem has {len(stem)} layers with variables; '
-                          'expected 2 (one conv) or 6 (ResNet-D).')
-  for suffix, kernel, bn in pairs:
-    tree.conv(('resnet', 'stem', 'conv' + suffix), kernel)
-    tree.bn(('resnet', 'stem', 'bn' + suffix), bn)
+  tree = FlaxTree()
+  stem_kind = _convert_stem(tree, take)
 
   # --- Block groups -------------------------------------------------------
   group_keys = take('resnet_model/block_groups')
@@ -215,6 +175,8 @@ def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
   if groups != set(range(4)):
     raise ConversionError(f'block groups {sorted(groups)}; expected 0..3.')
   blocks_per_group = []
+  block_kinds = set()
+  resnet_d_shortcuts = set()  # Per shortcut: is its conv after a pool?
   gate_widths = []  # (filters, SK gate width) per SK conv.
   for g in range(4):
     group = f'resnet_model/block_groups/{g}/layers'
@@ -227,45 +189,33 @@ def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
       block = f'{group}/{b}'
       where = f'block_group{g + 1} block {b}'
       path = ('resnet', f'block_group{g + 1}_block{b}')
-      if any(k.startswith(block + '/conv2d_bn_layers/') for k in group_keys):
-        raise ConversionError(
-            'basic-block ResNet (18/34): the reference gives the first block '
-            'a projection shortcut our ResNet does not have; only depth >= 50 '
-            'converts.')
-      shortcut = _layer_list(group_keys, block + '/projection_layers')
+      kind = _block_kind(group_keys, block, where)
+      block_kinds.add(kind)
+      shortcut_list, branch_list = BLOCK_LAYOUTS[kind]
+      shortcut = indexed_layer_list(group_keys, f'{block}/{shortcut_list}')
       if shortcut:
-        (_, kernel, bn), = _convs_and_bns(shortcut, ('',), where + ' shortcut')
+        (_, kernel, bn), = convs_and_bns([layer for _, layer in shortcut],
+                                          ('',), where + ' shortcut')
         tree.conv(path + ('shortcut', 'conv'), kernel)
         tree.bn(path + ('shortcut', 'bn'), bn)
-      layers = _layer_list(group_keys, block + '/conv_relu_dropblock_layers')
-      kinds = [_kind(layer) for layer in layers]
-      if kinds == ['conv', 'bn'] * 3:
-        for name, kernel, bn in _convs_and_bns(layers, ('1', '2', '3'), where):
-          tree.conv(path + ('conv' + name,), kernel)
-          tree.bn(path + ('bn' + name,), bn)
-      elif kinds == ['conv', 'bn', 'sk', 'conv', 'bn']:
-        tree.conv(path + ('conv1',), layers[0]['conv2d/kernel'])
-        tree.bn(path + ('bn1',), layers[1])
-        sk = layers[2]
-        sk_path = path + ('sk_conv',)
-        tree.conv(sk_path + ('conv',), sk['conv2d_fixed_padding/conv2d/kernel'])
-        tree.bn(sk_path + ('bn',), sk, 'batch_norm_relu/bn/')
-        tree.conv(sk_path + ('gate_conv1',), sk['conv2d_0/kernel'])
-        tree.bn(sk_path + ('gate_bn',), sk, 'batch_norm_relu_1/bn/')
-        tree.conv(sk_path + ('gate_conv2',), sk['conv2d_1/kernel'])
-        filters = layers[0]['conv2d/kernel'].shape[-1]
-        gate_widths.append((filters, sk['conv2d_0/kernel'].shape[-1]))
-        tree.conv(path + ('conv3',), layers[3]['conv2d/kernel'])
-        tree.bn(path + ('bn3',), layers[4])
-      else:
-        raise ConversionError(f'{where}: layers {kinds}; expected a '
-                              'bottleneck block (conv, bn) x 3 or with an SK '
-                              'conv.')
-  depths = {tuple(layers): depth for depth, (kind, layers)
-            in resnet_lib.RESNET_LAYERS.items() if kind == 'bottleneck'}
+        # ResNet-D puts (padding and) an average pool, which have no
+        # variables, before the shortcut's conv.
+        resnet_d_shortcuts.add(shortcut[0][0] > 0)
+      gate = _convert_branch(
+          tree, kind, layer_list(group_keys, f'{block}/{branch_list}'), path,
+          where)
+      if gate:
+        gate_widths.append(gate)
+  if len(block_kinds) != 1:
+    raise ConversionError('both basic and bottleneck blocks: no ResNet '
+                          'mixes them.')
+  kind = block_kinds.pop()
+  depths = {tuple(layers): depth for depth, (kind_, layers)
+            in resnet_lib.RESNET_LAYERS.items() if kind_ == kind}
   if tuple(blocks_per_group) not in depths:
     raise ConversionError(f'blocks per group {blocks_per_group} match no '
-                          f'bottleneck ResNet depth ({sorted(depths)}).')
+                          f'{kind}-block ResNet depth '
+                          f'({sorted(depths.values())}).')
   depth = depths[tuple(blocks_per_group)]
   first_filters = tree.params['resnet']['block_group1_block0']['conv1'][
       'kernel'].shape[-1]
@@ -273,14 +223,40 @@ def convert(variables: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any],
     raise ConversionError(f'first block has {first_filters} filters, not a '
                           'multiple of 64.')
   width = first_filters // 64
-  sk_ratio = _sk_ratio(gate_widths)
+  # Our ResNet turns selective kernels (bottleneck), the ResNet-D stem
+  # (ImageNet stem) and the ResNet-D shortcut on together, as the
+  # reference's sk_ratio flag does.
+  if len(resnet_d_shortcuts) > 1:
+    raise ConversionError('some projection shortcuts are ResNet-D (average '
+                          'pool, then conv) and some are not.')
+  resnet_d = resnet_d_shortcuts == {True}
+  if stem_kind != 'cifar' and (stem_kind == 'resnet_d') != resnet_d:
+    raise ConversionError(
+        f'{stem_kind} stem but {"ResNet-D" if resnet_d else "plain"} '
+        'shortcuts; the reference (sk_ratio) turns both on together.')
+  num_blocks = sum(blocks_per_group)
+  if kind == 'bottleneck' and len(gate_widths) not in (0, num_blocks):
+    raise ConversionError(f'{len(gate_widths)} of {num_blocks} blocks have '
+                          'selective kernels; expected none or all.')
+  if kind == 'bottleneck' and bool(gate_widths) != resnet_d:
+    raise ConversionError(
+        f'{"selective kernels" if gate_widths else "no selective kernels"} '
+        f'but {"ResNet-D" if resnet_d else "plain"} shortcuts; the reference '
+        '(sk_ratio) turns both on together.')
+  if gate_widths:
+    sk_ratio = _sk_ratio(gate_widths)
+  else:
+    # Basic blocks have no SK conv: any positive ratio gives the ResNet-D
+    # stem and shortcuts, and nothing else.
+    sk_ratio = DEFAULT_SK_RATIO if resnet_d else 0.0
+  cifar_stem = stem_kind == 'cifar'
 
   # --- Heads --------------------------------------------------------------
   head_prefix = next((p for p in ('_projection_head', 'projection_head')
                       if any(k.startswith(p + '/') for k in variables)), None)
   num_proj_layers, proj_out_dim = 0, 128
   if head_prefix:
-    head = _layer_list(take(head_prefix + '/linear_layers'),
+    head = layer_list(take(head_prefix + '/linear_layers'),
                        head_prefix + '/linear_layers')
     for j, layer in enumerate(head):
       if sorted(layer) != sorted(
@@ -365,15 +341,29 @@ def check_against_model(flax_vars, model_kwargs) -> None:
         f'{[(k, got[k], want[k]) for k in wrong[:3]]}.')
 
 
-def save(flax_vars, out: str) -> str:
-  """Writes {'params', 'batch_stats'} as an Orbax tree (init_checkpoint)."""
+# ----------------------------------------------------------------------------
+# Writing DIR: never over anything a conversion did not write.
+# ----------------------------------------------------------------------------
+def save(flax_vars, out: str, *, overwrite: bool = False,
+         record: Optional[Mapping[str, Any]] = None) -> str:
+  """Writes {'params', 'batch_stats'} as an Orbax tree (init_checkpoint).
+
+  `out` must not exist or be empty, or with `overwrite` be a previous
+  conversion (runtime/owned_output.py: written whole beside `out`, then
+  renamed; on failure `out` is left as it was).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(out)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out, flax_vars, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  return out
+
+  def write(directory):
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(directory, flax_vars)
+      checkpointer.wait_until_finished()
+
+  try:
+    return owned_output.write_local_output(out, write, writer=WRITER,
+                                           overwrite=overwrite, record=record)
+  except owned_output.OutputRefused as e:
+    raise ConversionError(f'--out {e}') from None
 
 
 def config_overrides(model_kwargs: Mapping[str, Any], out: str) -> str:
@@ -391,10 +381,16 @@ def config_overrides(model_kwargs: Mapping[str, Any], out: str) -> str:
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
-def run(tf_checkpoint: str, out: str) -> str:
+def run(tf_checkpoint: str, out: str, *, overwrite: bool = False) -> str:
   """Converts and saves; returns the summary that the command line prints."""
-  flax_vars, model_kwargs = convert(read_tf_checkpoint(tf_checkpoint))
-  out = save(flax_vars, out)
+  try:  # Before minutes of reading.
+    owned_output.check_local_output(out, WRITER, overwrite=overwrite)
+  except owned_output.OutputRefused as e:
+    raise ConversionError(f'--out {e}') from None
+  prefix = resolve_tf_checkpoint(tf_checkpoint)
+  flax_vars, model_kwargs = convert(read_tf_checkpoint(prefix))
+  out = save(flax_vars, out, overwrite=overwrite,
+             record={'tf_checkpoint': prefix, 'model': model_kwargs})
   count = sum(np.size(x) for x in jax.tree.leaves(flax_vars['params']))
   k = model_kwargs
   head = k['num_proj_layers'] if k['proj_head_mode'] != 'none' else 0
@@ -407,20 +403,33 @@ def run(tf_checkpoint: str, out: str) -> str:
 
 
 def main(argv):
-  del argv
   args = flags.FLAGS
-  if not args.tf_checkpoint or not args.out:
-    raise app.UsageError('--tf_checkpoint and --out are required.')
   try:
-    print(run(args.tf_checkpoint, args.out))
+    if len(argv) > 1:
+      raise ConversionError(f'unexpected arguments {argv[1:]}.')
+    if not args.tf_checkpoint or not args.out:
+      raise ConversionError('--tf_checkpoint and --out are required.')
+    print(run(args.tf_checkpoint, args.out, overwrite=args.overwrite))
   except ConversionError as e:
-    raise SystemExit(f'convert_tf2: error: {e}') from None
+    print(f'convert_tf2: error: {one_line(e, limit=1000)}', file=sys.stderr,
+          flush=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == '__main__':
+  # TensorFlow (imported later, where a checkpoint is read) would add lines
+  # of its own to the one error line: warnings about unreadable files, and
+  # at load time, whatever TF_CPP_MIN_LOG_LEVEL says, a notice that oneDNN
+  # kernels are on. The converter runs no TF kernel they would speed up.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   # Defined here, not at import: importing the converter (tests, notebooks)
   # must not add flags to a program that has its own.
-  flags.DEFINE_string('tf_checkpoint', None, 'Reference TF2 checkpoint: a '
-                      'SavedModel directory, checkpoint prefix or directory.')
-  flags.DEFINE_string('out', None, 'Output directory (Orbax; overwritten).')
+  flags.DEFINE_string('tf_checkpoint', None, 'Reference TF2 model: a '
+                      'SavedModel or model directory, a checkpoint prefix or '
+                      'a directory of checkpoints.')
+  flags.DEFINE_string('out', None, 'Output directory (Orbax). Must not exist '
+                      'or be empty, unless --overwrite.')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it holds a '
+                    'previous conversion (and nothing else).')
   app.run(main)

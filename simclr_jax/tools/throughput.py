@@ -36,7 +36,6 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data import augment
 from simclr_jax.data import pipeline
 
 SOURCE_SIZE = 256

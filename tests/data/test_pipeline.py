@@ -7,7 +7,6 @@ whose label is the example's index: every yielded example names itself.
 """
 import collections
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -9,7 +9,6 @@ import pathlib
 
 import nbformat
 from nbclient import NotebookClient
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "launch" / "colab.ipynb"

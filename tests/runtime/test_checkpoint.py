@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from simclr_jax.runtime import checkpoint
+from simclr_jax.runtime import files
 
 
 @flax.struct.dataclass
@@ -43,8 +44,8 @@ def write_steps(workdir, steps, keep=10):
 
 def snapshot(directory):
   out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
+  for root, _, names in os.walk(directory):
+    for name in names:
       path = os.path.join(root, name)
       with open(path, 'rb') as f:
         out[os.path.relpath(path, directory)] = f.read()
@@ -196,6 +197,40 @@ def test_export_backbone_loads_as_init_checkpoint(tmp_path):
       os.path.join('checkpoints', '9', 'state'))
 
 
+def test_export_backbone_replaces_only_a_previous_export(tmp_path):
+  """A resumed or finished run exports again over its own export; anything
+  else at the path is left exactly as it was, and the export refused."""
+  path = tmp_path / 'run' / 'backbone'
+  checkpoint.export_backbone(make_state(3), str(path))
+  checkpoint.export_backbone(make_state(8), str(path))
+  kernel = checkpoint.load_pretrained(str(path))['params']['resnet']['conv'][
+      'kernel']
+  np.testing.assert_array_equal(
+      kernel, np.asarray(make_state(8).params['resnet']['conv']['kernel']))
+  # An empty directory is written into.
+  (tmp_path / 'empty').mkdir()
+  checkpoint.export_backbone(make_state(3), str(tmp_path / 'empty'))
+
+  user_dir = tmp_path / 'mine'
+  (user_dir / 'd').mkdir(parents=True)
+  (user_dir / 'notes.txt').write_text('not an export')
+  (user_dir / 'd' / 'data').write_bytes(b'1234')
+  amended = tmp_path / 'amended'  # An export someone added a file to.
+  checkpoint.export_backbone(make_state(3), str(amended))
+  (amended / 'README').write_text('added by hand')
+  write_steps(tmp_path / 'other_run', [4])  # Orbax, but a training state.
+  state_item = tmp_path / 'other_run' / 'checkpoints' / '4' / 'state'
+  (tmp_path / 'a_file').write_text('a file')
+  for target, match in ((user_dir, 'not written by'), (amended, 'README'),
+                        (state_item, 'not written by'),
+                        (tmp_path / 'a_file', 'not a directory')):
+    before = snapshot(target) if target.is_dir() else target.read_bytes()
+    with pytest.raises(FileExistsError, match=match):
+      checkpoint.export_backbone(make_state(9), str(target))
+    assert before == (snapshot(target) if target.is_dir() else
+                      target.read_bytes())
+
+
 # ----------------------------------------------------------------------------
 # Remote paths (gs://...): listing, resolving and setting aside go through
 # tf.io.gfile; TensorFlow's in-memory `ram://` filesystem stands in for GCS.
@@ -253,4 +288,4 @@ def test_remote_set_aside_renames_never_deletes(ram_run):
       '12.orbax-checkpoint-tmp-1700000000', '3', '9.corrupt', '9.corrupt.1',
       'README']
   assert checkpoint.checkpoint_steps(url) == (3,)
-  assert checkpoint._abspath('gs://bucket/run/') == 'gs://bucket/run'  # pylint: disable=protected-access
+  assert files.abspath('gs://bucket/run/') == 'gs://bucket/run'
