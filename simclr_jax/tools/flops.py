@@ -97,3 +97,51 @@ def peak_flops_per_device(device_kind, dtype):
     if kind.lower() in device_kind.lower():
       return peaks.get(str(dtype))
   return None
+
+
+def vit_forward_flops(*, image_size, patch_size, hidden_size, depth,
+                      mlp_ratio=4, class_token=True, head_dims=(),
+                      num_classes=0, in_channels=3):
+  """Forward FLOPs of one image through a ViT encoder (+ optional dense layers).
+
+  Counts the matmuls (2 FLOPs per multiply-accumulate), with T tokens
+  (the (image_size/patch_size)² patches, plus the class token if any) and
+  width D:
+  - patch projection: patches · p²·C · D;
+  - per block: query, key, value and output projections 4·T·D², the MLP
+    2·mlp_ratio·T·D², the attention logits Q·Kᵀ and the weighted sum of
+    the values T²·D each (over all heads together);
+  - dense layers after pooling (projection head, classifier).
+  Ignored: biases, LayerNorms, softmax, GELU, residual and position-embedding
+  adds, pooling: O(T·D) or O(heads·T²) element-wise work. XLA's cost analysis
+  counts them and comes out 2.9 % higher at ViT-S/16, 224 px, 2.5 points of
+  which are the exact GELU (XLA counts its erf as 64 FLOPs an element).
+
+  Args:
+    image_size: square input side in pixels, a multiple of patch_size.
+    patch_size: patch side p.
+    hidden_size: width D.
+    depth: number of encoder blocks.
+    mlp_ratio: MLP width over D.
+    class_token: whether a class token is prepended (token pooling).
+    head_dims: widths of dense layers after pooling.
+    num_classes: width of a final classifier (0 for none).
+    in_channels: image channels C.
+  Returns:
+    FLOPs for one image, forward only.
+  """
+  if image_size % patch_size:
+    raise ValueError(f"image_size {image_size} is not divisible by "
+                     f"patch_size {patch_size}")
+  patches = (image_size // patch_size) ** 2
+  tokens = patches + (1 if class_token else 0)
+  d = hidden_size
+  macs = patches * patch_size * patch_size * in_channels * d
+  per_block = ((4 + 2 * mlp_ratio) * tokens * d * d   # Projections and MLP.
+               + 2 * tokens * tokens * d)             # Q·Kᵀ and weights·V.
+  macs += depth * per_block
+  cin = d
+  for dim in tuple(head_dims) + ((num_classes,) if num_classes else ()):
+    macs += cin * dim
+    cin = dim
+  return 2 * macs
