@@ -1,9 +1,12 @@
-"""Semi-supervised fine-tuning on 1% of ImageNet labels (12,811 images), 60 epochs.
+"""Semi-supervised fine-tuning on 1% of ImageNet labels (12,811 images).
 
-SimCLRv2 / reference README: tfds `imagenet2012_subset/1pct`; fine-tune the
-whole network plus a new zero-initialised linear head from the first
-projection layer (ft_proj_selector=1); LARS lr 0.005·√B, no weight decay,
-batch 1024, crop + flip only, no warmup. Start it from a pretraining run:
+Where each value comes from: SimCLRv2 (Chen et al., NeurIPS 2020) §3 and the
+reference README's fine-tuning command: tfds `imagenet2012_subset/1pct`;
+the whole network fine-tuned from the first projection layer
+(ft_proj_selector=1) with a new zero-initialised linear head; LARS (momentum
+0.9) lr 0.005·√B, no weight decay, batch 1024, no warmup, crop + flip only,
+global BatchNorm; 60 epochs (1% of labels: v2 §3). Start it from a
+pretraining run:
   --config.init_checkpoint=/path/to/pretrain/workdir
 """
 from simclr_jax import config as config_lib

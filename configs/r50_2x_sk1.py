@@ -1,9 +1,17 @@
 """SimCLRv2 ImageNet pretraining: ResNet-50 2× with selective kernels.
 
-SimCLRv2 (Chen et al., NeurIPS 2020) and the reference's v2 README: SK ratio
-1/16 (with the ResNet-D stem and shortcut), 3-layer projection head, LARS
-lr 0.1·√B = 6.4 at B=4096, wd 1e-4, τ 0.1, 800 epochs; fine-tuning then starts
-from the first projection layer (ft_proj_selector=1). bfloat16 compute.
+Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised
+Learners" (NeurIPS 2020), and the reference release's v2 README. Where each
+value comes from:
+- ResNet-50 2× with selective kernels (SK ratio 1/16, ResNet-D stem and
+  shortcuts): the v2 paper's §2 and its released r50_2x_sk1 model.
+- 3-layer projection head, fine-tuning later from its first layer
+  (ft_proj_selector=1): v2 §2 and §3.
+- LARS (momentum 0.9), lr 6.4 = 0.1·√B at batch 4096, weight decay 1e-4,
+  800 epochs, τ 0.1: v2 §3 ("Settings") and the reference's flags.
+- 10 warmup epochs: the reference's default (the paper does not restate it).
+- Augmentation as v1: crop, flip, colour 1.0, blur, 224 px.
+The paper's MoCo-style memory buffer (64K, EMA 0.999) is not on here.
 """
 from simclr_jax import config as config_lib
 

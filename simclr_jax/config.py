@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Optimizer.
   c.optimizer = 'lars'
   c.momentum = 0.9
-  c.nesterov = False  # momentum optimizer only (linear eval uses Nesterov).
+  # momentum optimizer only: the reference's is always Nesterov.
+  c.nesterov = True
   c.weight_decay = 1e-6
   c.lars_eeta = 1e-3
   # Loss.

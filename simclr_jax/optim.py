@@ -34,6 +34,8 @@ import optax
 from simclr_jax import config as config_lib
 
 SUPERVISED_HEAD = 'supervised_head'
+# tf.keras.optimizers.Adam's default, which the reference uses.
+KERAS_ADAM_EPSILON = 1e-7
 # BatchNorm module names in simclr_jax.models (bn, bn1, gate_bn, ...) and
 # Flax's default names (BatchNorm_0).
 _BATCH_NORM_MODULE = re.compile(r'(^|_)bn\d*$|batch_?norm', re.IGNORECASE)
@@ -145,9 +147,12 @@ def base_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
   """`config.optimizer`: lars | momentum | adam (reference `build_optimizer`).
 
   - lars: `lars()` with config.momentum, weight_decay, lars_eeta.
-  - momentum: SGD with momentum (Nesterov if config.nesterov), lr inside the
-    momentum buffer as Keras SGD; l2 decay on `l2_decay_mask`.
-  - adam: Adam on the gradient plus the same l2 decay (an l2 loss, not AdamW).
+  - momentum: SGD with momentum, Nesterov as the reference always uses
+    (config.nesterov, on by default), lr inside the momentum buffer as Keras
+    SGD; l2 decay on `l2_decay_mask`.
+  - adam: Adam on the gradient plus the same l2 decay (an l2 loss, not
+    AdamW), ε = 1e-7 as Keras's Adam. (Keras adds ε to √v before the bias
+    correction, optax after it: the two differ only while √v̂ is near ε.)
   """
   name = config.optimizer
   weight_decay = config.weight_decay
@@ -162,7 +167,7 @@ def base_optimizer(config, learning_rate_fn: optax.ScalarOrSchedule
   if name == 'adam':
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=l2_decay_mask),
-        optax.adam(learning_rate_fn))
+        optax.adam(learning_rate_fn, eps=KERAS_ADAM_EPSILON))
   raise ValueError(f"Unknown optimizer {name!r}; expected one of "
                    f"{config_lib.OPTIMIZERS}.")
 

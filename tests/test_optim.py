@@ -361,3 +361,32 @@ def test_trainable_labels_follow_mode_and_fine_tune_after_block(
     seen.add(group)
     assert (label == 'train') == (group in trained), names
   assert trained <= seen
+
+
+def test_momentum_is_nesterov_by_default_as_the_reference():
+  """The reference's build_optimizer always uses Nesterov momentum: the base
+  config's momentum optimizer takes the Nesterov step (by hand: v = m·v + g,
+  update −lr·(m·v + g))."""
+  config = small_config(optimizer='momentum', weight_decay=0.0)
+  assert config.nesterov
+  params = {'w': jnp.ones((3,))}
+  grads = {'w': jnp.full((3,), 0.5)}
+  tx = optim.create_optimizer(config, 0.1)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)
+  updates, _ = tx.update(grads, state, params)
+  v = 0.9 * 0.5 + 0.5  # After the second gradient.
+  np.testing.assert_allclose(updates['w'], -0.1 * (0.9 * v + 0.5), rtol=1e-6)
+
+
+def test_adam_epsilon_is_keras_1e7():
+  """One Adam step with a gradient of 1e-7: the bias-corrected moments are
+  m̂ = g, v̂ = g², so the step is −lr·g/(|g| + ε), by hand −lr/2 for ε = 1e-7
+  (Keras, the reference) and −lr/1.1 for optax's default 1e-8."""
+  config = small_config(optimizer='adam', weight_decay=0.0)
+  params = {'w': jnp.ones((2,))}
+  grads = {'w': jnp.full((2,), 1e-7)}
+  tx = optim.create_optimizer(config, 0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.1 * 1e-7 / (1e-7 + 1e-7),
+                             rtol=1e-4)

@@ -2,17 +2,16 @@
 
 `h = f(x)`, `z = g(h)` (contrastive loss on z), and an optional linear
 classifier named `supervised_head` (LARS exclusion and weight decay decided by
-that name, see optim.py). Where the classifier reads from, per train_mode
-(reference `tf2/model.py` `Model.__call__`):
-- pretrain: on `stop_gradient(h)` if lineareval_while_pretraining, so the
-  linear-eval labels never shape the representation; else no classifier.
+that name, see optim.py). The classifier reads the output of projection-head
+layer `ft_proj_selector` (0 = h), as the reference's `hiddens_list[
+ft_proj_selector]` (`tf2/model.py` `Model.__call__`), per train_mode:
+- pretrain: through stop_gradient if lineareval_while_pretraining, so the
+  linear-eval labels never shape the network; else no classifier.
 - linear_eval: backbone and projection head frozen (stop_gradient, BatchNorm in
-  inference mode, as the reference's finetune with fine_tune_after_block=4);
-  classifier on h.
-- finetune: classifier on the output of projection-head layer
-  `ft_proj_selector` (0 = h), gradients flow into the backbone except for the
-  blocks frozen by `fine_tune_after_block`.
-- supervised: classifier on h, everything trained.
+  inference mode, as the reference's finetune with fine_tune_after_block=4).
+- finetune: gradients flow into the network except for the blocks frozen by
+  `fine_tune_after_block`.
+- supervised: a classifier on h, everything trained.
 """
 from typing import Any, Optional
 
@@ -90,12 +89,12 @@ class SimCLRModel(nn.Module):
     outputs = {'representation': h.astype(jnp.float32),
                'projection': projection.astype(jnp.float32)}
     if self.has_supervised_head():
-      if self.train_mode == 'finetune':
-        head_input = hiddens[self.ft_proj_selector]
-      elif self.train_mode == 'supervised':
+      if self.train_mode == 'supervised':
         head_input = h
+      elif self.train_mode == 'finetune':
+        head_input = hiddens[self.ft_proj_selector]
       else:  # pretrain with linear eval, or linear_eval: frozen features.
-        head_input = jax.lax.stop_gradient(h)
+        head_input = jax.lax.stop_gradient(hiddens[self.ft_proj_selector])
       logits = nn.Dense(self.num_classes,
                         kernel_init=nn.initializers.normal(stddev=0.01),
                         dtype=self.dtype, param_dtype=jnp.float32,

@@ -248,7 +248,7 @@ def init_checkpoint_reinit(config, pretrained_params: Mapping[str, Any]
   shapes); the result is merge_pretrained's / check_shapes' `reinit`.
   """
   reinit = ('supervised_head',)
-  head_unused = config.train_mode != 'finetune' or config.ft_proj_selector == 0
+  head_unused = config.ft_proj_selector == 0
   if 'projection_head' not in pretrained_params and head_unused:
     reinit += ('projection_head',)
   return reinit

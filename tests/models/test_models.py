@@ -475,6 +475,34 @@ def test_ft_proj_selector_picks_head_layer(selector, width):
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('train_mode', ['pretrain', 'linear_eval'])
+def test_linear_head_reads_the_selected_head_layer_without_gradient(
+    train_mode):
+  """As the reference's hiddens_list[ft_proj_selector]: with selector 1 the
+  linear head trained during pretraining (and in linear eval) reads the
+  first projection layer's output, and its loss sends no gradient into the
+  projection head or the backbone."""
+  model = make_model(train_mode=train_mode, ft_proj_selector=1)
+  variables = filled_variables(variable_shapes(model, 16), seed=3)
+  images = random_images(2, 16)
+  out = model.apply(variables, images, train=False)
+  _, hiddens = heads.ProjectionHead('nonlinear', 3, 32).apply(
+      {'params': variables['params']['projection_head'],
+       'batch_stats': variables['batch_stats']['projection_head']},
+      out['representation'], train=False)
+  sup = variables['params']['supervised_head']
+  np.testing.assert_allclose(out['logits'],
+                             hiddens[1] @ sup['kernel'] + sup['bias'],
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(
+      out['logits'], out['representation'] @ sup['kernel'] + sup['bias'],
+      atol=1e-3)
+  grads = supervised_grads(model, variables, images, jnp.arange(2))
+  assert global_norm(grads['projection_head']) == 0.0
+  assert global_norm(grads['resnet']) == 0.0
+  assert global_norm(grads['supervised_head']) > 0.0
+
+
 def test_bfloat16_forward_same_argmax_as_float32(r18_variables):
   """bf16 compute with f32 params gives the f32 argmax class on a fixed batch.
 
