@@ -14,6 +14,7 @@ import glob
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -387,3 +388,78 @@ def test_step_too_large_for_memory_is_refused_before_the_first_step(
   assert checkpoint.checkpoint_steps(str(tmp_path)) == ()
   assert run_identity.read(str(tmp_path)) is None
   assert not glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+
+
+# ----------------------------------------------------------------------------
+# The entry point end to end (slow: a process start and a compile each).
+# ----------------------------------------------------------------------------
+def _main_args(workdir, total_steps):
+  args = [sys.executable, '-m', 'simclr_jax.main', f'--config={DEMO}',
+          f'--workdir={workdir}', f'--config.train_steps={total_steps}']
+  return args + [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
+
+
+@pytest.mark.slow
+def test_main_exits_75_on_sigterm_with_a_checkpoint_and_quiet_logs(tmp_path):
+  """SIGTERM mid-run: a checkpoint at the current step, the summary line
+  says so, exit code 75; no Orbax INFO line at the default verbosity."""
+  workdir = str(tmp_path / 'run')
+  log_path = tmp_path / 'run.log'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(_main_args(workdir, 10_000), cwd=str(REPO),
+                            env=_child_env(tmp_path / 'cache'), stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+    while (_last_step(_read(log_path)) or 0) < 3:
+      assert proc.poll() is None and time.time() < deadline, _read(log_path)
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 75, _read(log_path)[-3000:]
+  text = _read(log_path)
+  step = checkpoint.latest_step(workdir)
+  assert step is not None and step >= 3
+  assert (f'simclr_jax: pretrain preempted (resume with the same command) '
+          f'at step {step}') in text
+  assert '[process=0]' not in text  # Orbax's INFO lines.
+  assert not os.path.exists(os.path.join(workdir, 'simclr_jax.lock'))
+
+
+FAIL_CREATE_AT_4 = '''
+import errno, sys
+from orbax.checkpoint._src.path import atomicity
+create = atomicity.AtomicRenameTemporaryPath.create
+async def read_only_at_4(self):
+  if self.get_final().name == '4':
+    raise PermissionError(errno.EACCES, 'Permission denied')
+  return await create(self)
+atomicity.AtomicRenameTemporaryPath.create = read_only_at_4
+from absl import app
+from simclr_jax import main
+sys.argv = ['simclr_jax.main'] + sys.argv[1:]
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+@pytest.mark.slow
+def test_main_exits_4_at_once_when_the_checkpoint_dir_cannot_be_written(
+    tmp_path):
+  """The step directory of step 4 cannot be made (a read-only directory):
+  one line, exit code 4, within seconds, not after Orbax's 5-minute wait."""
+  workdir = str(tmp_path / 'run')
+  args = _main_args(workdir, 8)
+  args[1:3] = ['-c', FAIL_CREATE_AT_4]
+  start = time.time()
+  result = subprocess.run(args, cwd=str(REPO),
+                          env=_child_env(tmp_path / 'cache'),
+                          capture_output=True, text=True, timeout=900)
+  elapsed = time.time() - start
+  errors = [l for l in result.stderr.splitlines()
+            if l.startswith('simclr_jax: error: ')]
+  assert result.returncode == 4, result.stderr[-3000:]
+  assert len(errors) == 1 and errors[0].startswith(
+      'simclr_jax: error: the checkpoint of step 4 could not be written to '
+      f'{workdir}/checkpoints/4: PermissionError: Permission denied'), errors
+  assert 'Traceback' not in result.stderr
+  assert checkpoint.checkpoint_steps(workdir) == (2,)
+  assert not _in_flight(workdir)
+  assert elapsed < 240, elapsed  # Start-up and compile, without the wait.

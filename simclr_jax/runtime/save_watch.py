@@ -17,8 +17,8 @@ CheckpointManager so that the loop learns of it at the next step boundary:
 
 A failed save raises CheckpointWriteError, whose message is one line: the
 step, its directory, the cause, and the free space there. The temporary
-directories that the failed save created (`<step>.orbax-checkpoint-tmp*`)
-are removed, and nothing else: Orbax deletes older checkpoints (keep-N) only
+directory of the failed save (`<step>.orbax-checkpoint-tmp*`; on gs://, the
+step directory without its commit file) is removed, and nothing else: Orbax deletes older checkpoints (keep-N) only
 after a save has committed, so the earlier ones are intact. main.py exits
 with its own code for this (retrying fails the same way until space is
 freed or the directory is writable again).
@@ -61,7 +61,10 @@ class SaveWatch:
     """Starts an asynchronous save of `state` (see checkpoint.save)."""
     self.wait()  # The previous save's failure is reported as itself.
     step = int(jax.device_get(state.step))
-    self._tmp_before = set(self._temporary_dirs(step))
+    # What is there already was left by an earlier run, except the one
+    # temporary name that Orbax itself replaces when it saves this step.
+    self._tmp_before = set(self._temporary_dirs(step)) - {
+        self._step_dir(step) + TMP_MARK}
     self.pending = step
     try:
       started = checkpoint.save(self.manager, state, force=force)
@@ -98,11 +101,17 @@ class SaveWatch:
     return step in checkpoint.committed_steps(self.directory)
 
   def _temporary_dirs(self, step: int):
+    """The step's temporary directories, and on filesystems where Orbax
+    commits with a marker file (gs://) the step directory without it."""
     if not files.isdir(self.directory):
       return []
-    return [os.path.join(self.directory, name)
-            for name in files.listdir(self.directory)
-            if name.startswith(f'{step}{TMP_MARK}')]
+    found = [os.path.join(self.directory, name)
+             for name in files.listdir(self.directory)
+             if name.startswith(f'{step}{TMP_MARK}')]
+    step_dir = self._step_dir(step)
+    if files.isdir(step_dir) and not self._committed(step):
+      found.append(step_dir)
+    return found
 
   def _remove_temporary(self, step: int) -> str:
     """Removes what the failed save of `step` left; '' or why it could not."""

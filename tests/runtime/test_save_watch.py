@@ -60,6 +60,8 @@ def test_background_failure_is_reported_at_the_next_check(tmp_path,
   directory.mkdir()
   stale = directory / '20.orbax-checkpoint-tmp-1700000000'  # Not this run's.
   stale.mkdir()
+  killed = directory / '20.orbax-checkpoint-tmp'  # Orbax replaces this one.
+  (killed / 'state').mkdir(parents=True)
   _fail_at(monkeypatch, 20, 'finalize',
            OSError(errno.ENOSPC, 'No space left on device'))
   manager = checkpoint.create_manager(str(tmp_path), keep=1)
