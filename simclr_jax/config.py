@@ -11,6 +11,8 @@ is one `ConfigError` whose message names the key, the bad value and what is
 allowed. `validate_for_devices` adds the checks that need the device and
 process counts (known once the multi-host job has started).
 """
+import math
+
 import ml_collections
 
 from simclr_jax.data import augment_constants
@@ -132,11 +134,33 @@ def _positive(config, key, *, allow_zero=False) -> None:
     _fail(key, value, 'must be ' + ('>= 0' if allow_zero else '> 0'))
 
 
+def _nonfinite_float(value, key: str):
+  """(key, value) of the first NaN or infinite float in `value` (a number,
+  or a config, dict, list or tuple of them), or None."""
+  if isinstance(value, float):
+    return None if math.isfinite(value) else (key, value)
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    items = [(f'{key}.{name}' if key else name, item)
+             for name, item in value.items()]
+  elif isinstance(value, (list, tuple)):
+    items = [(f'{key}[{i}]', item) for i, item in enumerate(value)]
+  else:
+    return None
+  for item_key, item in items:
+    found = _nonfinite_float(item, item_key)
+    if found:
+      return found
+  return None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for the first problem found, else None.
 
   Checks the values alone: no file, dataset or device is looked at.
   """
+  nonfinite = _nonfinite_float(config, '')
+  if nonfinite:
+    _fail(nonfinite[0], nonfinite[1], 'must be a finite number')
   _one_of(config, 'train_mode', TRAIN_MODES)
   _one_of(config, 'optimizer', OPTIMIZERS)
   _one_of(config, 'learning_rate_scaling', LEARNING_RATE_SCALINGS)

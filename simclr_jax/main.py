@@ -1,11 +1,22 @@
 r"""Entry point: `python -m simclr_jax.main --config=configs/X.py --workdir=DIR`.
 
 Flags -> preflight checks -> `train.train_and_evaluate`. Override any config
-field on the command line: `--config.train_epochs=800`. Bad input is one line
-on stderr, `simclr_jax: error: ...`, and exit code 2, before anything
-compiles or touches a checkpoint (preflight.py); a non-finite loss or
-gradient stops training with one line naming the step and exit code 3 (the
-newest checkpoint is still finite: do not just restart).
+field on the command line: `--config.train_epochs=800`. A run ends with one
+summary line on stdout, or one line on stderr, `simclr_jax: error: ...`, and
+the exit code says what happened (README, "Failure and resume"):
+  0  finished;
+  1  an unexpected error (a bug: the traceback is in the log);
+  2  bad input, found before anything compiled or a checkpoint was touched
+     (preflight.py); a directory the run created for it is removed again if
+     it is still empty;
+  3  a non-finite loss or gradient (the newest checkpoint is still finite,
+     but rerunning would repeat the same steps);
+  4  a checkpoint could not be written (disk full, directory not writable):
+     rerunning fails the same way until that is fixed; the earlier
+     checkpoints are intact;
+  75 stopped early by SIGTERM (preemption) after saving a checkpoint at the
+     current step: rerun the same command to resume (EX_TEMPFAIL of
+     sysexits.h, "try again later").
 """
 import os
 import re
@@ -18,6 +29,8 @@ import jax
 from ml_collections import config_flags
 
 from simclr_jax import preflight
+from simclr_jax.runtime import files
+from simclr_jax.runtime import quiet_logs
 from simclr_jax.runtime import reporting
 from simclr_jax.runtime import workdir_lock
 
@@ -43,6 +56,12 @@ EXIT_BAD_INPUT = 2
 # Non-finite loss or gradients: restarting would replay the same steps, so a
 # supervisor that restarts preempted runs should not restart on this code.
 EXIT_NONFINITE = 3
+# A checkpoint could not be written: restarting fails the same way until
+# space is freed or the directory is writable again.
+EXIT_CHECKPOINT_WRITE = 4
+# Preempted (SIGTERM): a checkpoint of the current step is saved; the same
+# command resumes. launch/*.sh rerun or requeue on this code alone.
+EXIT_PREEMPTED = 75
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -137,7 +156,38 @@ def _is_multihost_environment() -> bool:
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}.')
-  config, workdir = FLAGS.config, FLAGS.workdir
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run(config, workdir: str) -> None:
+  """Checks, trains and reports; exits (SystemExit) unless it finished.
+
+  A run refused before training (exit code 2) removes the directories it
+  created for the workdir again, if nothing was put in them.
+  """
+  quiet_logs.hide_orbax_info()
+  new_dirs = files.missing_dirs(os.path.join(workdir, 'checkpoints'))
+  try:
+    _check_train_report(config, workdir)
+  except SystemExit as e:
+    if e.code == EXIT_BAD_INPUT and jax.process_index() == 0:
+      files.remove_empty_dirs(new_dirs)
+    if e.code == EXIT_CHECKPOINT_WRITE:
+      # When a step directory cannot be made, Orbax's writer threads wait
+      # for it until their 5-minute timeout, and the interpreter would wait
+      # for them before exiting. Everything is reported and released.
+      logging.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      _hard_exit(e.code)
+    raise
+
+
+_hard_exit = os._exit  # pylint: disable=protected-access
+
+
+def _check_train_report(config, workdir: str) -> None:
+  """Checks, trains and reports; exits with the code of how it ended."""
   try:
     # The config first: a typo must not cost a multi-host rendezvous.
     preflight.check_config(config)
@@ -161,10 +211,12 @@ def main(argv):
     # the training code.
     from simclr_jax import models  # pylint: disable=g-import-not-at-top
     from simclr_jax import train  # pylint: disable=g-import-not-at-top
+    from simclr_jax.runtime import save_watch  # pylint: disable=g-import-not-at-top
     try:
       data = preflight.check_dataset(config)
       model = models.create_model(config, data.num_classes)
       preflight.check_init_checkpoint(config, workdir, model)
+      preflight.check_resume(config, workdir, data, model)
     except preflight.BadInput as e:
       _fail(str(e))
     logging.info('JAX %s, backend %s; process %d of %d; %d local / %d '
@@ -175,13 +227,19 @@ def main(argv):
     try:
       result = train.train_and_evaluate(config, workdir, data=data,
                                         model=model)
+    except preflight.BadInput as e:  # The compiled step does not fit.
+      _fail(str(e))
     except FloatingPointError as e:
       logging.exception('Training stopped.')
       _fail(preflight.one_line(e), EXIT_NONFINITE)
+    except save_watch.CheckpointWriteError as e:
+      _fail(preflight.one_line(e), EXIT_CHECKPOINT_WRITE)
     if lead_host:
       print(reporting.summary_line(config, workdir, int(result.state.step),
                                    result.metrics, preempted=result.preempted),
             flush=True)
+    if result.preempted:
+      sys.exit(EXIT_PREEMPTED)
   finally:
     if lead_host:
       lock.release()

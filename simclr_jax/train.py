@@ -44,6 +44,8 @@ from simclr_jax.data import device_augment
 from simclr_jax.runtime import checkpoint
 from simclr_jax.runtime import preemption
 from simclr_jax.runtime import reporting
+from simclr_jax.runtime import run_identity
+from simclr_jax.runtime import save_watch
 
 
 class TrainState(train_state.TrainState):
@@ -286,6 +288,25 @@ def write_first_views(writer, config, batch, start_step: int) -> None:
       jax.device_get(views))})
 
 
+def record_run_identity(config, workdir, data, state, start_step) -> None:
+  """Writes the run's identity before its first save (runtime/run_identity.py).
+
+  A resumed run keeps the record it was started with (preflight.check_resume
+  compared it); a workdir from before the record existed gets this run's.
+  """
+  if start_step and run_identity.read(workdir) is not None:
+    return
+  identity = run_identity.of_run(
+      config, data.num_classes,
+      {'params': state.params, 'batch_stats': state.batch_stats})
+  try:
+    run_identity.write(workdir, identity)
+  except OSError as e:
+    raise save_watch.CheckpointWriteError(
+        f'the run identity could not be written to '
+        f'{run_identity.path(workdir)}: {save_watch.describe(e)}.') from e
+
+
 def create_evaluators(config, model, mesh, data, init_state) -> list:
   """config.evals, plus the supervised head's top-1/5 as `eval`."""
   extra = []
@@ -311,11 +332,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   preflight.py); without it (a notebook), the checks run here first and a
   bad config raises preflight.BadInput before anything is written.
   """
-  if data is None:
+  checked = data is not None
+  if not checked:
     preflight.check_config(config)
     preflight.check_devices(config)
     data = preflight.check_dataset(config)
   model = model or models.create_model(config, data.num_classes)
+  if not checked:
+    preflight.check_resume(config, workdir, data, model)
   lead_host = jax.process_index() == 0
   mesh = sharding.create_mesh()
   logging.info('Mesh: %s', mesh)
@@ -335,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       out_shardings=sharding.replicated_sharding(mesh))
   state = init_state()
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
+  saves = save_watch.SaveWatch(manager)
   state, start_step = checkpoint.restore_latest(manager, state)
   if start_step == 0 and config.init_checkpoint:
     state = load_init_checkpoint(state, config, mesh)
@@ -348,6 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = make_train_step(model, config, learning_rate_fn, mesh).lower(
       state, sharding.host_batch_to_global(batch, mesh)).compile()
   compile_time = time.perf_counter() - compile_start
+  preflight.check_step_memory(train_step)  # Before the first step.
+  record_run_identity(config, workdir, data, state, start_step)
 
   # --- Writers, progress, evaluators --------------------------------------
   writer = metric_writers.create_default_writer(
@@ -366,13 +393,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- Loop ----------------------------------------------------------------
   step, preempted = start_step, False
-  with preemption.PreemptionWatch(on_exit=manager.wait_until_finished) as watch:
+  with preemption.PreemptionWatch(on_exit=saves.wait) as watch:
     while step < total_steps and not preempted:
       batch = batch if batch is not None else next(batches)
       with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
         state, metrics = train_step(
             state, sharding.host_batch_to_global(batch, mesh))
       step, batch = step + 1, None
+      saves.check()  # A failed background save stops the run here.
       train_metrics.add(metrics)
       for hook in hooks:
         hook(step)
@@ -380,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_metrics.write(step)
       if is_time(step, config.checkpoint_every_steps, total_steps):
         train_metrics.check_finite()
-        checkpoint.save(manager, state)
+        saves.save(state)
       if step < total_steps:
         eval_start = time.perf_counter()
         results = evaluators.run_evaluators(evals, state, step)
@@ -393,13 +421,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     final = {}
     if preempted:
       train_metrics.write(step)
-      checkpoint.save(manager, state, force=True)
+      saves.save(state, force=True)
       logging.warning('Stopped at step %d for preemption; checkpoint saved.',
                       step)
     else:
       final = evaluators.run_evaluators(evals, state, step, force=True)
       writer.write_scalars(step, final)
-      checkpoint.save(manager, state)
+      saves.save(state)
+    saves.wait()
   manager.close()
   if not preempted and config.train_mode == 'pretrain':
     checkpoint.export_backbone(state, f'{workdir}/{checkpoint.BACKBONE_DIR}')

@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,35 @@ def test_bad_config_is_one_line_naming_key_and_value(key, value, expected):
   assert '\n' not in message
   assert message.startswith(f'config.{key}={value!r} is invalid')
   assert expected in message
+
+
+FLOAT_KEYS = sorted(k for k, v in config_lib.base_config().items()
+                    if isinstance(v, float))
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')],
+                         ids=['nan', 'inf', '-inf'])
+def test_every_float_key_must_be_finite(value):
+  """NaN passes every range check (all its comparisons are False) and inf
+  passes the lower bounds: each float key is refused by name instead."""
+  assert len(FLOAT_KEYS) >= 8, FLOAT_KEYS
+  for key in FLOAT_KEYS:
+    config = _base()
+    with config.unlocked():
+      config[key] = value
+    with pytest.raises(config_lib.ConfigError) as error:
+      config_lib.validate(config)
+    assert str(error.value) == (f'config.{key}={value!r} is invalid: must be '
+                                'a finite number.'), key
+  # Nested values too: an evaluator's field, an element of a list.
+  for field, bad, name in (('temperature', value, 'temperature'),
+                           ('shots', (1, value), 'shots[1]')):
+    config = _base()
+    with config.unlocked():
+      config.evals.knn = {field: bad}
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf'^config\.evals\.knn\.{re.escape(name)}='):
+      config_lib.validate(config)
 
 
 def test_batch_not_divisible_by_the_devices_is_named():

@@ -126,6 +126,8 @@ CLI_CASES = [
     ('batch_not_divisible_by_devices',
      ['--config=' + DEMO, '--config.train_batch_size=100'],
      ['config.train_batch_size=100', 'divisible by the device count 8']),
+    ('nonfinite_float', ['--config=' + DEMO, '--config.learning_rate=nan'],
+     ['config.learning_rate=nan is invalid', 'finite number']),
     ('missing_init_checkpoint',
      ['--config=' + DEMO, '--config.train_mode=linear_eval',
       '--config.init_checkpoint=/no/such/run'],
@@ -195,3 +197,156 @@ def test_unwritable_remote_workdir_exits_2_and_creates_nothing_local(tmp_path):
   _assert_one_error_line(result, "--workdir='nosuch://bucket/run' is not "
                          'writable', 'nosuch')
   assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# How a run ends: the exit code, one line, and what is left behind. main.run
+# in-process on the tiny config, with training replaced by each outcome.
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def in_process(monkeypatch):
+  """main with training faked: {'outcome': ..., 'hard_exit': [...]}."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from simclr_jax import main  # pylint: disable=g-import-not-at-top
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  logger = logging.get_absl_logger()
+  monkeypatch.setattr(logger, 'filters', list(logger.filters))
+  monkeypatch.setattr(main, 'initialize_distributed', lambda: None)
+  state = {'hard_exit': []}
+
+  def hard_exit(code):
+    state['hard_exit'].append(code)
+    raise SystemExit(code)
+  monkeypatch.setattr(main, '_hard_exit', hard_exit)
+
+  def fake_train(config, workdir, **_):
+    outcome = state['outcome']
+    if isinstance(outcome, BaseException):
+      raise outcome
+    if callable(outcome):
+      return outcome(workdir)
+    return outcome
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  state['main'] = main
+  return state
+
+
+def _result(step, preempted):
+  import types  # pylint: disable=g-import-not-at-top
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  return train.Result(types.SimpleNamespace(step=step), {'loss': 1.5},
+                      preempted)
+
+
+def _outcomes():
+  from simclr_jax import preflight  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import save_watch  # pylint: disable=g-import-not-at-top
+  return {
+      'finished': (_result(4, False), None,
+                   'simclr_jax: pretrain done at step 4: loss 1.5'),
+      'preempted': (_result(3, True), 75,
+                    'simclr_jax: pretrain preempted (resume with the same '
+                    'command) at step 3'),
+      'nonfinite': (FloatingPointError('non-finite loss (nan) at step 3'), 3,
+                    'simclr_jax: error: non-finite loss (nan) at step 3'),
+      'checkpoint_write': (save_watch.CheckpointWriteError(
+          'the checkpoint of step 6 could not be written to /w/6: OSError: '
+          'No space left on device (0 B free there)'), 4,
+                           'simclr_jax: error: the checkpoint of step 6'),
+      'too_big': (preflight.BadInput('the compiled train step needs 9 GiB'),
+                  2, 'simclr_jax: error: the compiled train step needs 9'),
+  }
+
+
+@pytest.mark.parametrize('name', ['finished', 'preempted', 'nonfinite',
+                                  'checkpoint_write', 'too_big'])
+def test_each_ending_has_its_exit_code_and_one_line(name, in_process,
+                                                    tiny_config, tmp_path,
+                                                    capsys):
+  outcome, code, line = _outcomes()[name]
+  in_process['outcome'] = outcome
+  workdir = tmp_path / 'new' / 'run'  # Made by this run.
+  if code is None:
+    in_process['main'].run(tiny_config('pretrain'), str(workdir))
+  else:
+    with pytest.raises(SystemExit) as exit_:
+      in_process['main'].run(tiny_config('pretrain'), str(workdir))
+    assert exit_.value.code == code
+  out, err = capsys.readouterr()
+  shown = [l for l in (out + err).splitlines() if l.startswith('simclr_jax:')]
+  assert len(shown) == 1 and shown[0].startswith(line), (out, err)
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()  # Released.
+  # Exit 4 does not wait for Orbax's writer threads (see main.run).
+  assert in_process['hard_exit'] == ([4] if code == 4 else [])
+  # Refused before training (2): the directories it made are gone again.
+  assert (tmp_path / 'new').exists() == (code != 2)
+
+
+def test_refused_run_keeps_a_directory_someone_wrote_into(in_process,
+                                                          tiny_config,
+                                                          tmp_path):
+  from simclr_jax import preflight  # pylint: disable=g-import-not-at-top
+
+  def write_then_refuse(workdir):
+    with open(os.path.join(workdir, 'notes.txt'), 'w') as f:
+      f.write('mine')
+    raise preflight.BadInput('the compiled train step needs 9 GiB')
+  in_process['outcome'] = write_then_refuse
+  workdir = tmp_path / 'new' / 'run'
+  with pytest.raises(SystemExit) as exit_:
+    in_process['main'].run(tiny_config('pretrain'), str(workdir))
+  assert exit_.value.code == 2
+  assert os.listdir(workdir) == ['notes.txt']
+  # An existing, empty workdir is not this run's to remove.
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  in_process['outcome'] = preflight.BadInput('too big')
+  with pytest.raises(SystemExit):
+    in_process['main'].run(tiny_config('pretrain'), str(existing))
+  assert existing.is_dir()
+
+
+def test_resuming_another_runs_workdir_is_refused_before_training(
+    in_process, tiny_config, tmp_path, capsys):
+  """A supervised run on a pretraining workdir: one line naming train_mode
+  and both values, exit 2, training never starts, nothing is touched; Orbax's
+  INFO lines are hidden from here on."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import quiet_logs  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import run_identity  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  pretrain = tiny_config('pretrain')
+  workdir = tmp_path / 'run'
+  step_dir = workdir / checkpoint.CHECKPOINT_DIR / '4' / 'state'
+  step_dir.mkdir(parents=True)
+  (step_dir / 'array_data').write_bytes(b'\x00' * 64)
+  model = models.create_model(pretrain, 10)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), train=False))
+  run_identity.write(str(workdir), run_identity.of_run(pretrain, 10,
+                                                       variables))
+  before = _snapshot(workdir)
+  in_process['outcome'] = AssertionError('training must not start')
+  with pytest.raises(SystemExit) as exit_:
+    in_process['main'].run(tiny_config('supervised'), str(workdir))
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert (f"{PREFIX}--workdir='{workdir}' holds another run (config."
+          "train_mode='pretrain' in the workdir's run, 'supervised' in this "
+          "one)") in err
+  assert _snapshot(workdir) == before
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  assert quiet_logs._FILTER in logging.get_absl_logger().filters  # pylint: disable=protected-access
+
+
+def test_readme_lists_every_exit_code():
+  from simclr_jax import main  # pylint: disable=g-import-not-at-top
+  text = (REPO / 'README.md').read_text()
+  section = text[text.index('## Failure and resume'):]
+  section = section[:section.index('\n## ', 1)]
+  codes = {0, 1} | {v for k, v in vars(main).items()
+                    if k.startswith('EXIT_')}
+  assert codes == {0, 1, 2, 3, 4, 75}
+  for code in codes:
+    assert f'\n| {code} |' in section, code

@@ -9,10 +9,12 @@
   checkpoint of non-finite parameters is written; with
   `skip_nonfinite_steps` such steps are skipped and counted instead.
 """
+import errno
 import glob
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,9 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from simclr_jax import preflight
 from simclr_jax import train
 from simclr_jax.data import pipeline
 from simclr_jax.runtime import checkpoint
+from simclr_jax.runtime import memory
+from simclr_jax.runtime import run_identity
+from simclr_jax.runtime import save_watch
 
 from conftest import config_file
 from conftest import REPO
@@ -219,15 +225,16 @@ def _tiny_config(**overrides):
   return small_config(**settings)
 
 
-def _synthetic_batches(config, start_step=0):
-  """Random two-view batches, a function of the step; NaN images at NAN_STEP."""
+def _synthetic_batches(config, start_step=0, nan_step=NAN_STEP):
+  """Random two-view batches, a function of the step; NaN images at
+  `nan_step`."""
   seed, size, n = config.seed, config.image_size, config.train_batch_size
   step = start_step
   while True:
     step += 1
     rng = np.random.default_rng([seed, step])
     image = rng.uniform(size=(n, 2, size, size, 3)).astype(np.float32)
-    if step == NAN_STEP:
+    if step == nan_step:
       image[:] = np.nan
     yield {'image': image, 'label': rng.integers(0, 10, n).astype(np.int32)}
 
@@ -247,12 +254,12 @@ class TinyModel(nn.Module):
     return False
 
 
-def _poisoned(config):
+def _poisoned(config, nan_step=NAN_STEP):
   """(data, model): the loop and checkpoints are real; model and data are tiny
-  stand-ins, the data with NaN images at NAN_STEP."""
+  stand-ins, the data with NaN images at `nan_step` (None: never)."""
   data = pipeline.Data(
       num_train_examples=1000, num_classes=10,
-      train_batches=lambda start: _synthetic_batches(config, start),
+      train_batches=lambda start: _synthetic_batches(config, start, nan_step),
       eval_batches=None)
   return dict(data=data, model=TinyModel())
 
@@ -303,3 +310,156 @@ def test_main_exits_3_on_nonfinite_loss(tmp_path, read_events):
   for step in checkpoint.checkpoint_steps(workdir):
     assert _all_finite(_final_state(workdir, step)), step
   assert not os.path.exists(os.path.join(workdir, 'simclr_jax.lock'))
+
+
+# ----------------------------------------------------------------------------
+# A checkpoint that cannot be written: noticed at the next step, in one line.
+# ----------------------------------------------------------------------------
+def _counting(data, fetched, slow_after=None):
+  """`data` whose train batches record their index in `fetched`, and take
+  0.3 s each after batch `slow_after` (a step the background save outlasts)."""
+  def train_batches(start_step):
+    for i, batch in enumerate(data.train_batches(start_step),
+                              start=start_step):
+      fetched.append(i)
+      if slow_after is not None and i > slow_after:
+        time.sleep(0.3)
+      yield batch
+  return data._replace(train_batches=train_batches)
+
+
+def test_failed_background_save_stops_the_run_at_the_next_step(
+    tmp_path, monkeypatch):
+  """The disk fills while step 6 is written in the background: the run stops
+  at the next step boundary (not at step 9's save, nor minutes later), names
+  the step, its directory and the free space, leaves step 3 restorable
+  (keep_checkpoints=1 does not delete it for the failed save) and no
+  temporary directory. The run's identity was recorded before its first
+  save."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def disk_full_at_6(self):
+    if self.get_final().name == '6' or self.get_final().parent.name == '6':
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return await finalize(self)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize',
+                      disk_full_at_6)
+  workdir = str(tmp_path)
+  config = _tiny_config(train_steps=12, checkpoint_every_steps=3,
+                        keep_checkpoints=1)
+  fetched = []
+  run = _poisoned(config, nan_step=None)
+  run['data'] = _counting(run['data'], fetched, slow_after=6)
+  start = time.monotonic()
+  with pytest.raises(save_watch.CheckpointWriteError) as error:
+    train.train_and_evaluate(config, workdir, **run)
+  message = str(error.value)
+  assert message.startswith(
+      f'the checkpoint of step 6 could not be written to {workdir}/'
+      'checkpoints/6: OSError: No space left on device ('), message
+  assert 'free there); earlier checkpoints are intact; the same command ' \
+      'resumes from step 3' in message
+  assert max(fetched) < 9  # Stopped before the next save (step 9).
+  assert time.monotonic() - start < 120
+  assert checkpoint.checkpoint_steps(workdir) == (3,)
+  assert not _in_flight(workdir)
+  assert _all_finite(_final_state(workdir, 3))
+  recorded = run_identity.read(workdir)
+  assert recorded['config']['train_mode'] == 'pretrain'
+  assert set(recorded['shapes']) >= {'params/resnet/kernel',
+                                     'batch_stats/resnet_bn/mean'}
+
+
+def test_step_too_large_for_memory_is_refused_before_the_first_step(
+    tmp_path, monkeypatch):
+  """The compiled step against the host's memory (CPU): refused right after
+  compiling, before any step, checkpoint or log is written."""
+  monkeypatch.setattr(memory, 'host_available_bytes', lambda: 1024)
+  config = _tiny_config()
+  fetched = []
+  run = _poisoned(config, nan_step=None)
+  run['data'] = _counting(run['data'], fetched)
+  with pytest.raises(preflight.BadInput,
+                     match=r'the compiled train step .* needs .* but host '
+                     r'\S+ has available 1.00 KiB: it cannot run'):
+    train.train_and_evaluate(config, str(tmp_path), **run)
+  assert fetched == [0]  # The batch the step was compiled for, no other.
+  assert checkpoint.checkpoint_steps(str(tmp_path)) == ()
+  assert run_identity.read(str(tmp_path)) is None
+  assert not glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+
+
+# ----------------------------------------------------------------------------
+# The entry point end to end (slow: a process start and a compile each).
+# ----------------------------------------------------------------------------
+def _main_args(workdir, total_steps):
+  args = [sys.executable, '-m', 'simclr_jax.main', f'--config={DEMO}',
+          f'--workdir={workdir}', f'--config.train_steps={total_steps}']
+  return args + [f'--config.{k}={v}' for k, v in TINY_OVERRIDES.items()]
+
+
+@pytest.mark.slow
+def test_main_exits_75_on_sigterm_with_a_checkpoint_and_quiet_logs(tmp_path):
+  """SIGTERM mid-run: a checkpoint at the current step, the summary line
+  says so, exit code 75; no Orbax INFO line at the default verbosity."""
+  workdir = str(tmp_path / 'run')
+  log_path = tmp_path / 'run.log'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(_main_args(workdir, 10_000), cwd=str(REPO),
+                            env=_child_env(tmp_path / 'cache'), stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+    while (_last_step(_read(log_path)) or 0) < 3:
+      assert proc.poll() is None and time.time() < deadline, _read(log_path)
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 75, _read(log_path)[-3000:]
+  text = _read(log_path)
+  step = checkpoint.latest_step(workdir)
+  assert step is not None and step >= 3
+  assert (f'simclr_jax: pretrain preempted (resume with the same command) '
+          f'at step {step}') in text
+  assert '[process=0]' not in text  # Orbax's INFO lines.
+  assert not os.path.exists(os.path.join(workdir, 'simclr_jax.lock'))
+
+
+FAIL_CREATE_AT_4 = '''
+import errno, sys
+from orbax.checkpoint._src.path import atomicity
+create = atomicity.AtomicRenameTemporaryPath.create
+async def read_only_at_4(self):
+  if self.get_final().name == '4':
+    raise PermissionError(errno.EACCES, 'Permission denied')
+  return await create(self)
+atomicity.AtomicRenameTemporaryPath.create = read_only_at_4
+from absl import app
+from simclr_jax import main
+sys.argv = ['simclr_jax.main'] + sys.argv[1:]
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+@pytest.mark.slow
+def test_main_exits_4_at_once_when_the_checkpoint_dir_cannot_be_written(
+    tmp_path):
+  """The step directory of step 4 cannot be made (a read-only directory):
+  one line, exit code 4, within seconds, not after Orbax's 5-minute wait."""
+  workdir = str(tmp_path / 'run')
+  args = _main_args(workdir, 8)
+  args[1:3] = ['-c', FAIL_CREATE_AT_4]
+  start = time.time()
+  result = subprocess.run(args, cwd=str(REPO),
+                          env=_child_env(tmp_path / 'cache'),
+                          capture_output=True, text=True, timeout=900)
+  elapsed = time.time() - start
+  errors = [l for l in result.stderr.splitlines()
+            if l.startswith('simclr_jax: error: ')]
+  assert result.returncode == 4, result.stderr[-3000:]
+  assert len(errors) == 1 and errors[0].startswith(
+      'simclr_jax: error: the checkpoint of step 4 could not be written to '
+      f'{workdir}/checkpoints/4: PermissionError: Permission denied'), errors
+  assert 'Traceback' not in result.stderr
+  assert checkpoint.checkpoint_steps(workdir) == (2,)
+  assert not _in_flight(workdir)
+  assert elapsed < 240, elapsed  # Start-up and compile, without the wait.

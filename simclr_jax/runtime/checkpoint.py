@@ -221,7 +221,7 @@ def _pick_pretrained(target, pretrained, *, reinit, what):
 
   def pick(path, leaf):
     name = _path_str(path)
-    if any(part in reinit for part in name.split('/')):
+    if _is_reinit(name, reinit):
       return None
     if name not in flat_pre:
       raise ValueError(
@@ -236,6 +236,30 @@ def _pick_pretrained(target, pretrained, *, reinit, what):
     return value
 
   return pick
+
+
+def _is_reinit(name: str, reinit) -> bool:
+  return any(part in reinit for part in name.split('/'))
+
+
+def _check_no_extra(target, pretrained, *, reinit, what) -> None:
+  """Raises ValueError naming the first checkpoint path the model lacks.
+
+  A deeper or wider network, or another head, would otherwise load only in
+  part, silently. Paths under `reinit` (subtrees the mode initialises
+  afresh on purpose) may be extra.
+  """
+  names = {_path_str(p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+  extra = [n for n in sorted(
+      _path_str(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(pretrained)[0])
+           if n not in names and not _is_reinit(n, reinit)]
+  if extra:
+    raise ValueError(
+        f'init_checkpoint: {what} path {extra[0]!r} of the checkpoint is not '
+        f'in the model ({len(extra)} such path(s)): it holds another '
+        'architecture; set the model keys to the ones it was trained with.')
 
 
 def init_checkpoint_reinit(config, pretrained_params: Mapping[str, Any]
@@ -260,10 +284,10 @@ def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
   """Takes every leaf of `target` from `pretrained`, except subtrees in `reinit`.
 
   Leaves whose path contains a name in `reinit` (the new classifier) keep the
-  target's fresh initialisation. Any other leaf must exist in `pretrained`
-  with the same shape; the first that does not is named in the error.
-  Pretrained leaves the target does not use (e.g. a projection head that
-  linear eval drops) are ignored.
+  target's fresh initialisation, and the log lists them. Any other leaf must
+  exist in `pretrained` with the same shape, and every pretrained leaf
+  outside `reinit` must exist in the target; the first path that does not
+  is named in the error.
   """
   pick = _pick_pretrained(target, pretrained, reinit=reinit, what=what)
 
@@ -271,7 +295,15 @@ def merge_pretrained(target: Mapping[str, Any], pretrained: Mapping[str, Any],
     value = pick(path, leaf)
     return leaf if value is None else np.asarray(value, dtype=leaf.dtype)
 
-  return jax.tree_util.tree_map_with_path(merge, target)
+  merged = jax.tree_util.tree_map_with_path(merge, target)
+  _check_no_extra(target, pretrained, reinit=reinit, what=what)
+  names = [_path_str(p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]]
+  fresh = [r for r in reinit if any(r in n.split('/') for n in names)]
+  if fresh:
+    logging.info('init_checkpoint: %s of %s initialised afresh on purpose '
+                 '(not read from the checkpoint).', what, ', '.join(fresh))
+  return merged
 
 
 def check_shapes(target: Mapping[str, Any], pretrained: Mapping[str, Any],
@@ -284,6 +316,7 @@ def check_shapes(target: Mapping[str, Any], pretrained: Mapping[str, Any],
   """
   pick = _pick_pretrained(target, pretrained, reinit=reinit, what=what)
   jax.tree_util.tree_map_with_path(pick, target)
+  _check_no_extra(target, pretrained, reinit=reinit, what=what)
 
 
 def pretrained_shapes(path: str) -> Dict[str, Any]:
@@ -353,7 +386,11 @@ def export_backbone(state, path: str) -> str:
 
 def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
   """Steps of the complete checkpoints under `workdir` (for tests and tools)."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return committed_steps(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+def committed_steps(directory: str) -> Tuple[int, ...]:
+  """Steps of the complete checkpoints in a checkpoints `directory`."""
   if not files.isdir(directory):
     return ()
   return tuple(sorted(_numeric_subdirs(directory)))

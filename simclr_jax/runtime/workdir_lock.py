@@ -98,6 +98,36 @@ class WorkdirLock:
     except (OSError, ValueError):
       return None  # Vanished, or half-written by a writer that died.
 
+  def _foreign_file(self):
+    """The lock path holds something that is not a lock record of ours.
+
+    Such a file is never taken over (deleted or overwritten): only an empty
+    file (a writer that died between creating and writing it) or a record
+    naming a host and pid is a lock this module wrote.
+    """
+    try:
+      if self.remote:
+        with files.gfile().GFile(self.path) as f:
+          text = f.read()
+      else:
+        with open(self.path) as f:
+          text = f.read()
+    except Exception:  # pylint: disable=broad-except
+      return False  # Vanished (or unreadable: handled as before).
+    if not text.strip():
+      return False
+    try:
+      record = json.loads(text)
+    except ValueError:
+      return True
+    return not (isinstance(record, dict) and "pid" in record
+                and "host" in record)
+
+  def _foreign_error(self):
+    return WorkdirLockedError(
+        f"{self.path} exists and is not a simclr_jax lock file; not "
+        "replacing it. Move it away or use another --workdir.")
+
   def _age(self, owner):
     """Seconds since the owner last refreshed the lock."""
     if self.remote:
@@ -157,6 +187,8 @@ class WorkdirLock:
         self._create()
         return
       except FileExistsError:
+        if self._foreign_file():
+          raise self._foreign_error() from None
         owner = self._read_owner()
         reason = self._stale_reason(owner)
         if reason is None:
@@ -187,6 +219,8 @@ class WorkdirLock:
     gfile = files.gfile()
     gfile.makedirs(os.path.dirname(self.path))
     if gfile.exists(self.path):
+      if self._foreign_file():
+        raise self._foreign_error()
       owner = self._read_owner()
       reason = self._stale_reason(owner)
       if reason is None:

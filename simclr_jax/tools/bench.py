@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from simclr_jax.runtime.memory import device_memory_bytes
 from simclr_jax.tools import flops
 
 FLAGS = flags.FLAGS
@@ -104,19 +105,6 @@ def xla_flops(compiled):
     analysis = analysis[0] if analysis else None
   flops_value = (analysis or {}).get('flops')
   return float(flops_value) if flops_value is not None else None
-
-
-def device_memory_bytes(compiled):
-  """Per-device bytes of the compiled program: its live set at peak, bounded.
-
-  arguments + outputs + temporaries − aliased (donated) buffers, as XLA's
-  memory analysis reports them; None where the backend gives none.
-  """
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def analytic_step_flops(config):

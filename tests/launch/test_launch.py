@@ -1,4 +1,6 @@
-"""launch/*.sh: shellcheck clean, settings from the environment, dry-run output.
+"""launch/*.sh: shellcheck clean, settings from the environment, dry-run output,
+and what they do with each exit code of simclr_jax.main (fake gcloud, srun and
+scontrol on PATH record what they were asked).
 
 The scripts run under a clean environment (only PATH and HOME) so that a
 variable the developer happens to have set cannot make a test pass.
@@ -173,8 +175,12 @@ def test_gpu_slurm_dry_run():
   assert _flag(sbatch, "--gpus-per-node") == "8"
   assert _flag(sbatch, "--partition") == "gpu"
   assert _flag(sbatch, "--account") == "proj42"
-  assert sbatch[-3:] == [str(SLURM_SCRIPT), "--inside-allocation",
-                         "--config.train_epochs=800"]
+  assert sbatch[-4:] == [str(SLURM_SCRIPT), "--inside-allocation",
+                         "--requeue-on-preemption", "--config.train_epochs=800"]
+  # SIGTERM before the time limit (a checkpoint instead of a kill), a job
+  # that may requeue itself, and a log that a requeued job appends to.
+  assert _flag(sbatch, "--signal") == "TERM@300"
+  assert "--requeue" in sbatch and _flag(sbatch, "--open-mode") == "append"
   assert srun[0] == "srun" and "--kill-on-bad-exit=1" in srun
   assert _flag(srun, "--ntasks-per-node") == "8"
   main = srun[srun.index("/shared/venv/bin/python"):]
@@ -198,3 +204,135 @@ def test_gpu_slurm_one_process_per_node():
   for bad in ({"PROCS": "rack"}, {"NODES": "0"}, {"GPUS_PER_NODE": "x"}):
     result = _run(SLURM_SCRIPT, {**SLURM_ENV, **bad}, "--dry-run")
     assert result.returncode == 2 and "error" in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Exit codes: 75 (preempted, checkpoint saved) reruns or requeues; 3
+# (non-finite loss) and 4 (checkpoint not writable) end the script.
+# ----------------------------------------------------------------------------
+FAKE_TOOL = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
+case "$*" in
+  *simclr_jax.main*)
+    n=$(grep -c simclr_jax.main "$FAKE_LOG")
+    code=$(echo "$FAKE_CODES" | cut -d, -f"$n")
+    exit "${code:-0}" ;;
+  *describe*) echo "$FAKE_STATE" ;;
+esac
+exit 0
+"""
+
+
+def _fake_tools(tmp_path, codes, state="READY"):
+  """PATH with gcloud, srun and scontrol that log their arguments; the n-th
+  training command exits with codes[n-1]."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(parents=True)
+  for tool in ("gcloud", "srun", "scontrol"):
+    (bin_dir / tool).write_text(FAKE_TOOL)
+    (bin_dir / tool).chmod(0o755)
+  log = tmp_path / "calls.log"
+  log.write_text("")
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+         "FAKE_CODES": ",".join(map(str, codes)), "FAKE_STATE": state}
+  return env, log
+
+
+def _main_exit_codes():
+  from simclr_jax import main  # pylint: disable=g-import-not-at-top
+  return main.EXIT_PREEMPTED, main.EXIT_NONFINITE, main.EXIT_CHECKPOINT_WRITE
+
+
+def test_scripts_use_mains_preempted_code():
+  preempted = _main_exit_codes()[0]
+  for script in (TPU_SCRIPT, SLURM_SCRIPT):
+    assert f"EXIT_PREEMPTED={preempted}\n" in script.read_text(), script
+
+
+@pytest.mark.parametrize("codes,trains,final", [
+    ((75, 0), 2, 0),     # Preempted: rerun once, which finishes.
+    ((3,), 1, 3),        # Non-finite loss: not rerun.
+    ((4,), 1, 4),        # Checkpoint not writable: not rerun.
+    ((1,), 1, 1),        # A bug: not rerun.
+])
+def test_tpu_vm_reruns_only_after_preemption(tmp_path, codes, trains, final):
+  env, log = _fake_tools(tmp_path, codes)
+  result = _run(TPU_SCRIPT, {**TPU_ENV, **env})
+  assert result.returncode == final, result.stderr
+  calls = log.read_text().splitlines()
+  assert sum("simclr_jax.main" in c for c in calls) == trains
+  assert calls[-1].startswith("gcloud compute tpus tpu-vm delete")
+  if final not in (0, 75):
+    assert f"exit code {final} (not rerun" in result.stderr
+
+
+def test_tpu_vm_replaces_a_preempted_vm(tmp_path):
+  env, log = _fake_tools(tmp_path, (75, 0), state="PREEMPTED")
+  result = _run(TPU_SCRIPT, {**TPU_ENV, **env})
+  assert result.returncode == 0, result.stderr
+  verbs = [c.split()[4] for c in log.read_text().splitlines()
+           if c.startswith("gcloud")]
+  assert verbs == ["create", "scp", "ssh", "ssh", "describe", "delete",
+                   "create", "scp", "ssh", "ssh", "delete"]
+  # MAX_RESTARTS bounds the reruns.
+  env, log = _fake_tools(tmp_path / "capped", (75, 75, 75))
+  result = _run(TPU_SCRIPT, {**TPU_ENV, **env, "MAX_RESTARTS": "1"})
+  assert result.returncode == 75
+  assert "MAX_RESTARTS=1" in result.stderr
+
+
+@pytest.mark.parametrize("code,requeued", [(75, True), (3, False), (4, False),
+                                           (0, False)])
+def test_gpu_slurm_job_requeues_only_after_preemption(tmp_path, code,
+                                                      requeued):
+  env, log = _fake_tools(tmp_path, (code,))
+  result = _run(SLURM_SCRIPT, {**SLURM_ENV, **env, "SLURM_JOB_ID": "4242"},
+                "--inside-allocation", "--requeue-on-preemption")
+  assert result.returncode == code, result.stderr
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("srun ")
+  assert ("scontrol requeue 4242" in calls) == requeued
+  # Without --requeue-on-preemption (an salloc the user holds): the user is
+  # told to rerun, and nothing is requeued.
+  env, log = _fake_tools(tmp_path / "salloc", (code,))
+  result = _run(SLURM_SCRIPT, {**SLURM_ENV, **env, "SLURM_JOB_ID": "4242"},
+                "--inside-allocation")
+  assert result.returncode == code
+  assert not any(c.startswith("scontrol") for c in
+                 log.read_text().splitlines())
+
+
+def test_tpu_install_never_deletes_what_it_did_not_make(tmp_path):
+  """The workers' install command replaces ~/simclr_jax and ~/simclr_venv only
+  when an earlier run of the script made them."""
+  result = _run(TPU_SCRIPT, TPU_ENV, "--dry-run")
+  install = _flag(_commands(result.stdout)[3], "--command")  # As run there.
+  home = tmp_path / "home"
+  (home / "simclr_jax").mkdir(parents=True)
+  (home / "simclr_jax" / "my_notes.txt").write_text("mine")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python3").write_text(  # `-m uv venv ... DIR` makes DIR.
+      '#!/bin/sh\nfor a; do last=$a; done\n'
+      'case "$*" in *" venv "*) mkdir -p "$last" ;; esac\n')
+  (bin_dir / "python3").chmod(0o755)
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+  refused = subprocess.run(["bash", "-c", install], env=env,
+                           capture_output=True, text=True, timeout=30)
+  assert refused.returncode == 2
+  assert "~/simclr_jax exists and was not made by tpu_vm.sh" in refused.stderr
+  assert (home / "simclr_jax" / "my_notes.txt").read_text() == "mine"
+
+  # Made by the script (its marker file): replaced by the new tarball.
+  (home / "simclr_jax" / "my_notes.txt").unlink()
+  (home / "simclr_jax" / ".made_by_tpu_vm_sh").write_text("")
+  src = tmp_path / "src" / "simclr_jax"
+  src.mkdir(parents=True)
+  (src / "setup.py").write_text("new")
+  subprocess.run(["tar", "-czf", str(home / "simclr_jax.tar.gz"), "-C",
+                  str(src.parent), "simclr_jax"], check=True)
+  done = subprocess.run(["bash", "-c", install], env=env,
+                        capture_output=True, text=True, timeout=30)
+  assert done.returncode == 0, done.stderr
+  assert (home / "simclr_jax" / "setup.py").read_text() == "new"
+  assert (home / "simclr_venv" / ".made_by_tpu_vm_sh").exists()

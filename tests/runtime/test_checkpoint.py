@@ -181,6 +181,34 @@ def test_merge_pretrained_names_first_mismatch():
     checkpoint.merge_pretrained(target, {'resnet': {}})
 
 
+def test_init_checkpoint_is_checked_both_ways(caplog):
+  """A parameter the checkpoint has and the model lacks (a deeper or wider
+  network) is named like a missing one; under a re-initialised subtree it
+  is allowed, and the load logs that subtree."""
+  target = make_state(0).params
+  pretrained = jax.tree.map(np.asarray, make_state(5).params)
+  deeper = {**pretrained, 'resnet': {**pretrained['resnet'],
+                                     'block2': {'kernel': np.zeros((3, 3))}}}
+  for check in (checkpoint.check_shapes, checkpoint.merge_pretrained):
+    with pytest.raises(ValueError, match=(
+        r"params path 'resnet/block2/kernel' of the checkpoint is not in the "
+        r'model \(1 such path')):
+      check(target, deeper)
+  other_head = {**pretrained, 'supervised_head': {
+      'bias': np.zeros(10, np.float32), 'kernel': np.zeros((5, 10))}}
+  checkpoint.check_shapes(target, other_head)
+  with caplog.at_level(logging.INFO):
+    merged = checkpoint.merge_pretrained(target, other_head)
+  assert ('params of supervised_head initialised afresh on purpose'
+          in caplog.text)
+  np.testing.assert_array_equal(merged['supervised_head']['bias'],
+                                target['supervised_head']['bias'])
+  # Nothing re-initialised: every path must match.
+  with pytest.raises(ValueError, match="'supervised_head/kernel' of the "
+                     'checkpoint is not in the model'):
+    checkpoint.check_shapes(target, other_head, reinit=())
+
+
 def test_export_backbone_loads_as_init_checkpoint(tmp_path):
   state = make_state(7)
   path = checkpoint.export_backbone(state, str(tmp_path / 'backbone'))

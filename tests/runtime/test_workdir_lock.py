@@ -153,3 +153,32 @@ def test_remote_heartbeat_rewrites_the_record(ram_workdir):
     time.sleep(0.3)
     assert _ram_owner(gfile, url)["heartbeat"] > first
   assert not gfile.exists(f"{url}/{workdir_lock.LOCK_NAME}")
+
+
+@pytest.mark.parametrize("content", ["my notes\n", '{"not": "a lock"}',
+                                     "[1, 2]"])
+def test_a_file_that_is_not_a_lock_is_never_taken_over(tmp_path, content):
+  """Only what this module wrote is replaced: a user's file at the lock's
+  path is refused, byte for byte untouched."""
+  lock_file = tmp_path / workdir_lock.LOCK_NAME
+  lock_file.write_text(content)
+  with pytest.raises(workdir_lock.WorkdirLockedError,
+                     match="is not a simclr_jax lock file"):
+    workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0).acquire()
+  assert lock_file.read_text() == content
+  # An empty one is a lock whose writer died before writing: taken over.
+  lock_file.write_text("")
+  with workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0):
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+
+
+def test_remote_file_that_is_not_a_lock_is_never_overwritten(ram_workdir):
+  url, gfile = ram_workdir
+  path = f"{url}/{workdir_lock.LOCK_NAME}"
+  with gfile.GFile(path, "w") as f:
+    f.write("my notes")
+  with pytest.raises(workdir_lock.WorkdirLockedError,
+                     match="is not a simclr_jax lock file"):
+    workdir_lock.WorkdirLock(url, heartbeat_s=0, settle_s=0).acquire()
+  with gfile.GFile(path) as f:
+    assert f.read() == "my notes"
