@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simclr_jax import config as config_lib
 from simclr_jax import losses
 from simclr_jax import optim
+from simclr_jax import preflight
 from simclr_jax import sharding
 from simclr_jax import train
 from simclr_jax.data import pipeline
@@ -52,8 +54,9 @@ class ConvNet(nn.Module):
 
 
 def tiny_config(**overrides):
-  return small_config('pretrain', image_size=SIZE, train_batch_size=BATCH,
-                      temperature=0.5, weight_decay=1e-3, **overrides)
+  return small_config('pretrain', **{
+      'image_size': SIZE, 'train_batch_size': BATCH, 'temperature': 0.5,
+      'weight_decay': 1e-3, **overrides})
 
 
 def random_batch(seed, n=BATCH, keys=False):
@@ -254,3 +257,98 @@ def test_micro_batched_run_resumes_bitwise_exact(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(jax.device_get(getattr(resumed.state, field))),
         jax.tree.leaves(jax.device_get(getattr(straight.state, field))))), field
+
+
+# ----------------------------------------------------------------------------
+# Memory: one micro-batch's activations, not the global batch's.
+# ----------------------------------------------------------------------------
+class WideConvNet(nn.Module):
+  """Three 3×3 conv + BatchNorm layers, 32 channels at full resolution: its
+  memory is activations (≈ 0.4 MB a 16-px view to keep for the backward
+  pass), its parameters 40 kB."""
+
+  @nn.compact
+  def __call__(self, images, train=True):
+    x = images
+    for i in range(3):
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, name=f'bn{i}')(
+          nn.Conv(32, (3, 3), name=f'conv{i}')(x)))
+    h = nn.Dense(16, name='resnet')(jnp.mean(x, axis=(1, 2)))
+    return {'representation': h,
+            'projection': nn.Dense(8, name='projection_head')(h)}
+
+  def has_supervised_head(self):
+    return False
+
+
+def test_micro_batched_step_needs_the_memory_of_one_micro_batch():
+  """Compiled (not run) on one device: batch 128 in micro-batches of 8
+  needs about what a plain step at batch 8 needs (plus the 128 images'
+  inputs, 0.8 MB), a small fraction of a plain step at batch 128."""
+  from simclr_jax.tools import bench_micro_batch as bmb  # pylint: disable=g-import-not-at-top
+  config = tiny_config(image_size=16, train_batch_size=128, micro_batch_size=8,
+                       lineareval_while_pretraining=False)
+  model, mesh = WideConvNet(), sharding.create_mesh(jax.devices()[:1])
+  memory = lambda batch, micro: bmb.compiled_step_memory(
+      bmb.with_batch(config, train_batch_size=batch, micro_batch_size=micro),
+      mesh=mesh, model=model)
+  micro, small, full = memory(128, 8), memory(8, 0), memory(128, 0)
+  assert full > 10 * small  # Activations dominate, as in a real network.
+  assert micro < 1.5 * small, (micro, small)
+  assert micro < 0.15 * full, (micro, full)
+
+
+# ----------------------------------------------------------------------------
+# Config: one line naming the value, before anything compiles.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('overrides,expected', [
+    (dict(micro_batch_size=-1), 'must be >= 0'),
+    (dict(micro_batch_size=3), 'must divide train_batch_size=16'),
+    (dict(micro_batch_size=2, train_mode='supervised'),
+     "micro-batches are for train_mode='pretrain'"),
+])
+def test_bad_micro_batch_size_is_one_line(overrides, expected):
+  config = tiny_config(**overrides)
+  with pytest.raises(preflight.BadInput) as error:
+    preflight.check_config(config)
+  message = str(error.value)
+  assert message.startswith(
+      f'config.micro_batch_size={overrides["micro_batch_size"]} is invalid')
+  assert expected in message and '\n' not in message
+
+
+def test_micro_batch_size_must_divide_the_per_device_batch():
+  config = tiny_config(micro_batch_size=4)  # 16 images: 2 per device on 8.
+  config_lib.validate(config)
+  config_lib.validate_for_devices(config, device_count=4, process_count=1)
+  with pytest.raises(preflight.BadInput, match=(
+      r'^config.micro_batch_size=4 is invalid: must divide the per-device '
+      r'batch 2 \(train_batch_size=16 / 8 devices\)\.$')):
+    preflight.check_devices(config)
+
+
+def test_bench_reports_memory_and_time_ratios(monkeypatch, capsys):
+  """The bench's arithmetic and table, on made-up measurements (the real
+  measurement is compiled_step_memory, tested above)."""
+  from simclr_jax.tools import bench  # pylint: disable=g-import-not-at-top
+  from simclr_jax.tools import bench_micro_batch as bmb  # pylint: disable=g-import-not-at-top
+  memory = lambda c: 1000 * c.train_batch_size + 7 * c.micro_batch_size
+  monkeypatch.setattr(bmb, 'compiled_step_memory', lambda c: memory(c))
+  monkeypatch.setattr(bench, 'bench_train', lambda c, steps, warmup: dict(
+      memory_bytes_per_device=memory(c), compile_s=1.0,
+      step_s=2.0 + c.micro_batch_size, step_cpu_s=1.0, step_times_s=[2.0],
+      images_per_s=1.0, loss=1.0))
+  config = tiny_config()
+  results = bench.run(config, what=('micro',), micro_batch_sizes=['1', '2'],
+                      steps=1)
+  assert set(results) == {'plain', 'micro1', 'micro2', 'plain_batch1',
+                          'plain_batch2'}
+  assert results['plain_batch2']['global_batch'] == 16  # 2 × 8 devices.
+  assert results['micro2']['memory_vs_plain_batch'] == pytest.approx(
+      (16_000 + 14) / 16_000)
+  assert results['micro1']['time_vs_plain'] == pytest.approx(3.0 / 2.0)
+  bmb.print_table(results)
+  table = capsys.readouterr().out
+  assert '| 2 | ' in table and '| plain step, batch 16 |' in table
+  with pytest.raises(config_lib.ConfigError, match='micro_batch_size=3'):
+    bench.run(config, what=('micro',), micro_batch_sizes=['3'], steps=0)
