@@ -135,7 +135,10 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
   pretrain batch: image [N, 2, H, W, 3], label [N] (and augment_key
   [N, 2, 2] with color_augment='device': the step applies the colour jitter,
   grayscale and blur itself); other modes: image [N, H, W, 3]. The state
-  buffers are donated (updated in place).
+  buffers are donated (updated in place). With config.micro_batch_size the
+  gradient is the gradient cache's (grad_cache.py): the same loss over the
+  global batch, computed m images per device at a time, BatchNorm
+  statistics per micro-batch.
   """
   pretrain = config.train_mode == 'pretrain'
   contrastive_loss = make_contrastive_loss(config, mesh)

@@ -1,8 +1,8 @@
 """grad_cache.py: micro-batched pretraining with the whole batch's NT-Xent.
 
 Tiny stand-in networks (a conv layer, BatchNorm, dense layers with the
-SimCLR model's named outputs) compile in a second or two; global batch 16,
-8 px, on 1 and on 8 fake CPU devices.
+SimCLR model's named outputs) compile in seconds; global batch 16, 8 px, on
+1 and on 8 fake CPU devices. One slow test runs the real ResNet-18.
 """
 import functools
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import config as config_lib
+from simclr_jax import grad_cache
 from simclr_jax import losses
 from simclr_jax import optim
 from simclr_jax import preflight
@@ -131,7 +132,6 @@ def test_loss_and_gradients_equal_the_full_batch(devices, micro):
 
 
 def grad_cache_gradients(model, config, mesh):
-  from simclr_jax import grad_cache  # pylint: disable=g-import-not-at-top
   gradients = grad_cache.make_micro_batch_gradients(
       model, config, mesh, train.make_contrastive_loss(config, mesh))
   return jax.jit(lambda state, batch: gradients(state, batch, state.rng))
@@ -220,6 +220,35 @@ def test_training_mode_batchnorm_is_per_micro_batch(devices):
       batch_stats['bn']['mean'],
       0.9 * state.batch_stats['bn']['mean'] + 0.1 * chunk_means.mean(0),
       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # Two ResNet-18 compiles with remat: minutes on 2 cores.
+def test_resnet_bfloat16_remat_micro_batches_on_8_devices_equal_1_device():
+  """The real network, bfloat16 and rematerialised, training-mode
+  BatchNorm: 8 devices run the same micro-batches as 1 device."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  config = tiny_config(micro_batch_size=1, dtype='bfloat16', remat=True,
+                       color_augment='device')
+  model = models.create_model(config, NUM_CLASSES)
+  state, _ = initial_state(config, model)
+  batch = random_batch(2, keys=True)
+  results = []
+  for devices in (8, 1):
+    mesh = sharding.create_mesh(jax.devices()[:devices])
+    gradients = grad_cache.make_micro_batch_gradients(
+        model, config, mesh, train.make_contrastive_loss(config, mesh),
+        distort=lambda x, keys: train.distort_on_device(x, keys, config))
+    results.append(jax.device_get(jax.jit(
+        lambda s, b: gradients(s, b, s.rng))(
+            sharding.replicate(state, mesh),
+            sharding.host_batch_to_global(batch, mesh))))
+  (grads8, (metrics8, stats8)), (grads1, (metrics1, stats1)) = results
+  assert np.isfinite(metrics1['loss'])
+  for key in metrics1:
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=1e-5,
+                               err_msg=key)
+  assert_grads_close(grads8, grads1)
+  assert_trees_close(stats8, stats1, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
