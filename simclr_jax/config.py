@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Batches are global (all devices of all hosts).
   c.train_batch_size = 4096
   c.eval_batch_size = 256
+  # > 0: pretrain in micro-batches of this many images (2 views each) per
+  # device, with the exact NT-Xent gradient of the whole global batch (the
+  # gradient cache, grad_cache.py); BatchNorm statistics are then over each
+  # micro-batch on its device. 0: one pass, BatchNorm over the global batch.
+  c.micro_batch_size = 0
   # Schedule: train_steps > 0 overrides train_epochs.
   c.train_epochs = 100
   c.train_steps = 0
@@ -172,6 +177,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _positive(config, 'train_batch_size')
   _positive(config, 'eval_batch_size')
+  _positive(config, 'micro_batch_size', allow_zero=True)
+  if config.micro_batch_size:
+    if config.train_mode != 'pretrain':
+      _fail('micro_batch_size', config.micro_batch_size,
+            f"micro-batches are for train_mode='pretrain' (got "
+            f"{config.train_mode!r}); use 0")
+    if config.train_batch_size % config.micro_batch_size:
+      _fail('micro_batch_size', config.micro_batch_size,
+            f'must divide train_batch_size={config.train_batch_size} '
+            '(0: no micro-batches)')
   if not config.temperature > 0:
     _fail('temperature', config.temperature, 'must be > 0')
   _positive(config, 'width_multiplier')
@@ -236,6 +251,12 @@ def validate_for_devices(config: ml_collections.ConfigDict, *,
     if batch % process_count:
       _fail(key, batch, f'the global batch must be divisible by the process '
             f'count {process_count}')
+  micro, per_device = (config.micro_batch_size,
+                       config.train_batch_size // device_count)
+  if micro and per_device % micro:
+    _fail('micro_batch_size', micro, f'must divide the per-device batch '
+          f'{per_device} (train_batch_size={config.train_batch_size} / '
+          f'{device_count} devices)')
 
 
 def schedule_steps(*, batch_size: int, num_examples: int, train_epochs: float,

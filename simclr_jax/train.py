@@ -35,6 +35,7 @@ import optax
 
 from simclr_jax import config as config_lib
 from simclr_jax import evaluators
+from simclr_jax import grad_cache
 from simclr_jax import losses
 from simclr_jax import models
 from simclr_jax import optim
@@ -136,11 +137,19 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
   pretrain batch: image [N, 2, H, W, 3], label [N] (and augment_key
   [N, 2, 2] with color_augment='device': the step applies the colour jitter,
   grayscale and blur itself); other modes: image [N, H, W, 3]. The state
-  buffers are donated (updated in place).
+  buffers are donated (updated in place). With config.micro_batch_size the
+  gradient is the gradient cache's (grad_cache.py): the same loss over the
+  global batch, computed m images per device at a time, BatchNorm
+  statistics per micro-batch.
   """
   pretrain = config.train_mode == 'pretrain'
   contrastive_loss = make_contrastive_loss(config, mesh)
   color_on_device = pretrain and config.color_augment == 'device'
+  if config.micro_batch_size:  # The gradient cache (grad_cache.py).
+    micro_batch_gradients = grad_cache.make_micro_batch_gradients(
+        model, config, mesh, contrastive_loss,
+        distort=(lambda x, keys: distort_on_device(x, keys, config))
+        if color_on_device else None)
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -176,8 +185,12 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
       metrics['loss'] = loss
       return loss, (metrics, new_vars['batch_stats'])
 
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state.params)
+    if config.micro_batch_size:
+      grads, (metrics, batch_stats) = micro_batch_gradients(
+          state, batch, step_rng)
+    else:
+      grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+          state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics.update(learning_rate=learning_rate_fn(state.step),
                    weight_norm=optax.global_norm(state.params),

@@ -109,6 +109,11 @@ PAPER_VALUES = {
         train_epochs=1000, learning_rate=1.0, weight_decay=1e-4,
         temperature=0.5, color_jitter_strength=0.5, use_blur=False,
         num_proj_layers=3),
+    'cifar10_r18_colab': dict(  # The above at v1 B.9's batch, one GPU.
+        resnet_depth=18, image_size=32, train_batch_size=1024,
+        micro_batch_size=128, train_epochs=1000, learning_rate=1.0,
+        weight_decay=1e-4, temperature=0.5, color_jitter_strength=0.5,
+        use_blur=False, num_proj_layers=3),
     'imagenet_linear_eval': dict(  # v1 B.6 and the reference README.
         train_mode='linear_eval', optimizer='momentum', nesterov=True,
         learning_rate=0.1, learning_rate_scaling='linear',

@@ -29,7 +29,10 @@ batch of the config's global batch size, so no dataset is needed):
 - `tf`: the same step in TensorFlow as the reference release runs it
   (bench_tf_reference.py: oneDNN convolutions on x86 CPUs, no XLA), on the
   host CPU, and the ratio of our throughput to it (meaningful when our step
-  runs on the same CPU).
+  runs on the same CPU);
+- `micro` (with --micro_batch_sizes): the micro-batched step (grad_cache.py)
+  against the plain one, compiled memory and time per global batch
+  (bench_micro_batch.py).
 Output: a table, then one line `BENCH_JSON {...}` for scripts.
 
 `--weak_scaling=1,2,4,8` reruns the train bench in subprocesses on that many
@@ -72,6 +75,9 @@ def define_flags():
                     'Fake CPU device counts, e.g. 1,2,4,8: fixed per-device '
                     'batch, one subprocess per count.')
   flags.DEFINE_float('input_seconds', 10.0, 'Seconds the input bench runs.')
+  flags.DEFINE_list('micro_batch_sizes', [],
+                    '--what=micro: images per device per micro-batch, e.g. '
+                    '64,128,256 (--steps=0: compiled memory only).')
 
 
 NUM_CLASSES = 10  # Synthetic labels; the linear head's width hardly matters.
@@ -315,15 +321,20 @@ def print_report(results):
 
 
 def run(config, *, what=('train', 'input'), steps=5, warmup=1,
-        peak_tflops=None, input_seconds=10.0):
+        peak_tflops=None, input_seconds=10.0, micro_batch_sizes=()):
   """Runs the requested benches; returns {'train': {...}, 'input': ..., ...}."""
   allowed = ('train', 'input', 'baseline', 'tf')
   what = allowed if 'all' in what else tuple(what)
-  unknown = set(what) - set(allowed)
+  unknown = set(what) - set(allowed) - {'micro'}
   if unknown:
     raise ValueError(f'--what: unknown {sorted(unknown)}; allowed '
-                     f'{", ".join(allowed)}, all.')
+                     f'{", ".join(allowed)}, micro, all.')
   results = {}
+  if 'micro' in what:
+    from simclr_jax.tools import bench_micro_batch  # pylint: disable=g-import-not-at-top
+    results.update(bench_micro_batch.run(
+        config, [int(m) for m in micro_batch_sizes], steps=steps,
+        warmup=warmup))
   if 'train' in what or 'baseline' in what or 'tf' in what:
     results['train'] = bench_train(config, steps=steps, warmup=warmup,
                                    peak_tflops=peak_tflops)
@@ -385,9 +396,14 @@ def main(argv):
         f'{jax.devices()[0].device_kind}, global batch '
         f'{config.train_batch_size}, {config.image_size} px, '
         f'ResNet-{config.resnet_depth}, {config.dtype}', flush=True)
-  print_report(run(config, what=FLAGS.what, steps=FLAGS.steps,
-                   warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
-                   input_seconds=FLAGS.input_seconds))
+  results = run(config, what=FLAGS.what, steps=FLAGS.steps,
+                warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
+                input_seconds=FLAGS.input_seconds,
+                micro_batch_sizes=FLAGS.micro_batch_sizes)
+  print_report(results)
+  if 'micro' in FLAGS.what:
+    from simclr_jax.tools import bench_micro_batch  # pylint: disable=g-import-not-at-top
+    bench_micro_batch.print_table(results)
   del argv
 
 
