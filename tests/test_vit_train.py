@@ -39,6 +39,12 @@ def leaves_equal(a, b):
                  jax.tree.leaves(jax.device_get(b))))
 
 
+def flat(tree):
+  """{'vit/block0/...': array} of a parameter tree."""
+  return {'/'.join(str(k.key) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def random_batches(n=2, batch=16, size=8, seed=0):
   rng = np.random.default_rng(seed)
   return [{'image': rng.uniform(size=(batch, 2, size, size, 3)).astype(
@@ -71,12 +77,20 @@ def initial_state(config):
       config, model, tx, jax.random.PRNGKey(0)))())
 
 
-def test_vit_pretrain_step_on_8_devices_equals_1_device():
+@pytest.fixture(scope='module')
+def one_device_run():
+  """Two float32 steps on one device: (config, initial state, batches,
+  final state, metrics), shared by the sharding and bfloat16 tests."""
   config = small_config('pretrain', **VIT)
   host_state = initial_state(config)
   batches = random_batches()
+  state, metrics = run_steps(config, host_state, batches, jax.devices()[:1])
+  return config, host_state, batches, state, metrics
+
+
+def test_vit_pretrain_step_on_8_devices_equals_1_device(one_device_run):
+  config, host_state, batches, state1, metrics1 = one_device_run
   state8, metrics8 = run_steps(config, host_state, batches, jax.devices())
-  state1, metrics1 = run_steps(config, host_state, batches, jax.devices()[:1])
   for m8, m1 in zip(metrics8, metrics1):
     for key in ('loss', 'contrastive_loss', 'contrast_acc', 'supervised_loss',
                 'grad_norm'):
@@ -87,16 +101,24 @@ def test_vit_pretrain_step_on_8_devices_equals_1_device():
   # Adam divides by √v̂: where a gradient entry is near 0, the reduction
   # order's rounding becomes an update difference of a few % of the step
   # (lr·B/256 = 1.25e-4 here), so parameters get an absolute tolerance.
-  # The attention's key bias has an exactly zero gradient (softmax ignores
-  # q·b, the same for every key): its Adam steps are ±lr of rounding noise.
-  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
-  key_bias = lambda state: state.params['vit']['block0']['attention'][
-      'key'].pop('bias')
+  # Two biases have an exactly zero gradient, so their Adam steps are
+  # rounding noise of up to ±lr: the attention's key bias (softmax ignores
+  # q·b, the same for every key) and the final LayerNorm's (it shifts every
+  # h alike, and the head's first BatchNorm subtracts the batch mean).
+  noise = ('vit/block0/attention/key/bias', 'vit/final_norm/bias')
   lr = 2e-3 * 16 / 256
-  np.testing.assert_allclose(key_bias(state8), key_bias(state1),
-                             atol=2 * len(batches) * lr)
-  jax.tree.map(close, state8.params, state1.params)
-  jax.tree.map(close, state8.batch_stats, state1.batch_stats)  # Head BN.
+  params8, params1 = flat(state8.params), flat(state1.params)
+  assert set(params8) == set(params1) and set(noise) <= set(params1)
+  for name, value in params1.items():
+    if name in noise:
+      np.testing.assert_allclose(params8[name], value,
+                                 atol=2 * len(batches) * lr, err_msg=name)
+    else:
+      np.testing.assert_allclose(params8[name], value, rtol=1e-4, atol=1e-5,
+                                 err_msg=name)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6),
+               state8.batch_stats, state1.batch_stats)  # The head's BN.
   # Trained, except the frozen random patch projection (bit for bit).
   vit0, vit1 = host_state.params['vit'], state1.params['vit']
   assert leaves_equal(vit1['patch_embedding'], vit0['patch_embedding'])
@@ -104,20 +126,16 @@ def test_vit_pretrain_step_on_8_devices_equals_1_device():
     assert not leaves_equal(vit1[name], vit0[name]), name
 
 
-def test_vit_bf16_step_is_close_to_f32_and_keeps_f32_parameters():
-  batches = random_batches(n=3, seed=1)
-  losses, states = {}, {}
-  for dtype in ('float32', 'bfloat16'):
-    config = small_config('pretrain', dtype=dtype, **VIT)
-    # The same float32 initial parameters for both compute dtypes.
-    host_state = initial_state(small_config('pretrain', **VIT))
-    states[dtype], metrics = run_steps(config, host_state, batches,
-                                       jax.devices()[:1])
-    losses[dtype] = np.array([m['contrastive_loss'] for m in metrics])
-  assert np.all(np.isfinite(losses['bfloat16']))
-  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.02)
-  dtypes = {x.dtype for x in jax.tree.leaves(
-      (states['bfloat16'].params, states['bfloat16'].opt_state))
+def test_vit_bf16_step_is_close_to_f32_and_keeps_f32_parameters(
+    one_device_run):
+  _, host_state, batches, _, f32_metrics = one_device_run
+  config = small_config('pretrain', dtype='bfloat16', **VIT)
+  state, metrics = run_steps(config, host_state, batches, jax.devices()[:1])
+  bf16 = np.array([m['contrastive_loss'] for m in metrics])
+  f32 = np.array([m['contrastive_loss'] for m in f32_metrics])
+  assert np.all(np.isfinite(bf16))
+  np.testing.assert_allclose(bf16, f32, rtol=0.02)
+  dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {jnp.dtype('float32')}
 
@@ -129,9 +147,6 @@ def test_vit_bf16_step_is_close_to_f32_and_keeps_f32_parameters():
 def vit_pretrain_run(tiny_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('vit_pretrain'))
   config = tiny_config('pretrain', **VIT)
-  with config.unlocked():
-    config.evals.knn = dict(every_steps=4, k=5, bank_split='train[:80]',
-                            query_split='test[:80]')
   with jax.transfer_guard('disallow'):
     result = train.train_and_evaluate(config, workdir)  # Preflight too.
   return workdir, result
@@ -145,12 +160,41 @@ def test_vit_pretrains_end_to_end(vit_pretrain_run, read_events):
   for tag in ('contrastive_loss', 'supervised_loss', 'grad_norm'):
     assert set(events[tag]) == {2, 4}, tag
     assert all(np.isfinite(v) for v in events[tag].values()), tag
-  assert 4 in events['knn/top1'] and 4 in events['eval/top1']
+  assert 4 in events['eval/top1']  # The linear head on the class token.
   exported = checkpoint.load_pretrained(
       f'{workdir}/{checkpoint.BACKBONE_DIR}')
   assert set(exported['params']) == {'vit'}  # The backbone alone.
 
 
+def test_vit_modes_freeze_what_they_should():
+  """linear_eval: no gradient reaches the ViT; finetune with
+  fine_tune_after_block=0: none reaches the embedding, the block gets one."""
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 8, 8, 3)),
+                       jnp.float32)
+  labels = jnp.arange(4) % NUM_CLASSES
+  for mode, after in (('linear_eval', -1), ('finetune', 0)):
+    config = small_config(mode, fine_tune_after_block=after,
+                          init_checkpoint='x', **VIT)
+    model = models.create_model(config, NUM_CLASSES)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+    def loss(params):
+      outputs, _ = model.apply({**variables, 'params': params}, images,
+                               train=True, mutable=['batch_stats'])
+      return -jnp.mean(jax.nn.log_softmax(outputs['logits'])[
+          jnp.arange(4), labels])
+
+    grads = jax.grad(loss)(variables['params'])['vit']
+    zero = {name: all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(t))
+            for name, t in grads.items()}
+    if mode == 'linear_eval':
+      assert all(zero.values()), zero
+    else:
+      assert zero == {'patch_embedding': True, 'class_token': True,
+                      'block0': False, 'final_norm': False}, zero
+
+
+@pytest.mark.slow  # Two more tiny runs.
 def test_vit_linear_eval_and_finetune_from_the_pretrained_run(
     vit_pretrain_run, tiny_config, tmp_path):
   pre_workdir, pre = vit_pretrain_run
@@ -174,10 +218,12 @@ def test_vit_linear_eval_and_finetune_from_the_pretrained_run(
   assert 'eval/top1' in result.metrics
 
 
-@pytest.mark.slow  # About 3 min on a busy 2-core machine.
-def test_vit_demo_probe_beats_random_init(tmp_path, mnist_dir):
-  """configs/demo_vit.py, shortened: the linear probe on the pretrained
-  ViT's class token beats the same probe on a random ViT."""
+@pytest.mark.slow  # About 2 min on a quiet 2-core machine.
+def test_vit_pretraining_probe_beats_random_init(tmp_path, mnist_dir):
+  """configs/demo_vit.py with big_vision's micro ViT (one block, width 32;
+  0.05 s a step) for 500 steps: the linear probe on the pretrained class
+  token beats the same probe on the random ViT. Measured on the demo's
+  split: 63.6 vs 55.4 % after 150 steps, 67.0 vs 55.4 % after 1000."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('demo_vit',
                                                 config_file('demo_vit'))
@@ -185,8 +231,9 @@ def test_vit_demo_probe_beats_random_init(tmp_path, mnist_dir):
   spec.loader.exec_module(module)
   config = module.get_config()
   with config.unlocked():
-    config.data_dir = mnist_dir
+    config.update(data_dir=mnist_dir, vit_variant='mu/4', train_steps=500,
+                  checkpoint_every_steps=500, log_every_steps=100)
   with jax.transfer_guard('disallow'):
     metrics = train.train_and_evaluate(config, str(tmp_path)).metrics
   assert metrics['probe/pretrained_top1'] > (
-      metrics['probe/random_init_top1'] + 0.02), metrics
+      metrics['probe/random_init_top1'] + 0.04), metrics
