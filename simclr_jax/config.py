@@ -18,7 +18,8 @@ import ml_collections
 from simclr_jax.data import augment_constants
 
 TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
-OPTIMIZERS = ('lars', 'momentum', 'adam')
+OPTIMIZERS = ('lars', 'momentum', 'adam', 'adamw')
+MODELS = ('resnet', 'vit')
 LEARNING_RATE_SCALINGS = ('linear', 'sqrt')
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
@@ -83,14 +84,46 @@ def base_config() -> ml_collections.ConfigDict:
   # Loss.
   c.temperature = 0.1
   c.hidden_norm = True
-  # Model. num_proj_layers 3 is the reference's default (SimCLRv2); the v1
-  # paper's head has one hidden layer (2).
+  # Gradient clipping to this global norm before the optimizer; 0: none.
+  # Not part of the SimCLR or MoCo v3 recipes (MoCo v3 found clipping only
+  # the patch projection helps when the threshold is so small that it
+  # freezes it); a guard for unstable runs.
+  c.grad_clip_norm = 0.0
+  # Backbone: 'resnet' (the resnet_depth, width_multiplier and sk_ratio
+  # keys) or 'vit' (the vit_* keys). The other backbone's keys must keep
+  # their defaults, so a key that would be ignored is refused instead.
+  c.model = 'resnet'
   c.resnet_depth = 50
   c.width_multiplier = 1
   c.sk_ratio = 0.0
+  # ViT (models/vit.py): 'SIZE/PATCH', SIZE one of mu, Ti, S, B, L, PATCH one
+  # of 4, 8, 14, 16, 32 (image_size must be a multiple).
+  c.vit_variant = 'S/16'
+  c.vit_num_heads = 0  # 0: the variant's (DeiT's 6 for S; MoCo v3 uses 12).
+  # 'token': h is the class token (ViT, MoCo v3); 'gap': the mean of the
+  # patch tokens.
+  c.vit_pooling = 'token'
+  # MoCo v3's stability recipe (Chen, Xie & He, ICCV 2021, §4.2, §5): a
+  # patch projection that stays at its random init (gradient spikes start
+  # there; freezing it smooths training and adds 0.8 points for SimCLR,
+  # Fig. 6) and the fixed 2-D sin-cos position embedding (their default;
+  # 'learned': ViT's, 0.4 points lower there).
+  c.vit_frozen_patch_embedding = True
+  c.vit_position_embedding = 'sincos2d'
+  # Projection head. num_proj_layers 3 is the reference's default
+  # (SimCLRv2); the v1 paper's head has one hidden layer (2).
   c.proj_head_mode = 'nonlinear'
   c.num_proj_layers = 3
   c.proj_out_dim = 128
+  # Width of the hidden layers; 0: the width of h (the reference). MoCo v3's
+  # ViT heads: 4096.
+  c.proj_hidden_dim = 0
+  # BatchNorm after every head layer (SimCLR; MoCo v3: 2.1 points better
+  # with ViT-B than without, and without it they had to halve the batch).
+  c.proj_head_bn = True
+  # The output layer's BatchNorm has a scale (the reference: centre off,
+  # scale on); False: neither (MoCo v3's BatchNorm1d(affine=False)).
+  c.proj_out_bn_scale = True
   c.ft_proj_selector = 0
   c.fine_tune_after_block = -1
   c.dtype = 'float32'
@@ -170,7 +203,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'optimizer', OPTIMIZERS)
   _one_of(config, 'learning_rate_scaling', LEARNING_RATE_SCALINGS)
   _one_of(config, 'proj_head_mode', PROJ_HEAD_MODES)
-  _one_of(config, 'resnet_depth', RESNET_DEPTHS)
+  _one_of(config, 'model', MODELS)
+  _check_backbone_keys(config)
   _one_of(config, 'dtype', DTYPES)
   _one_of(config, 'augmentation_impl', AUGMENTATION_IMPLS)
   _one_of(config, 'color_augment', COLOR_AUGMENT_PLACES)
@@ -189,9 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             '(0: no micro-batches)')
   if not config.temperature > 0:
     _fail('temperature', config.temperature, 'must be > 0')
-  _positive(config, 'width_multiplier')
-  _positive(config, 'sk_ratio', allow_zero=True)
   _positive(config, 'proj_out_dim')
+  _positive(config, 'proj_hidden_dim', allow_zero=True)
+  _positive(config, 'grad_clip_norm', allow_zero=True)
   _positive(config, 'num_proj_layers', allow_zero=True)
   if config.proj_head_mode == 'nonlinear' and config.num_proj_layers < 1:
     _fail('num_proj_layers', config.num_proj_layers,
@@ -199,20 +233,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.ft_proj_selector <= max(config.num_proj_layers, 0):
     _fail('ft_proj_selector', config.ft_proj_selector,
           f'must be in [0, num_proj_layers={config.num_proj_layers}]')
-  if not -1 <= config.fine_tune_after_block <= 4:
-    _fail('fine_tune_after_block', config.fine_tune_after_block,
-          'must be in [-1, 4] (-1: train all, 0: stem, 1..4: block groups)')
   if (config.train_mode in ('pretrain', 'supervised')
       and config.fine_tune_after_block != -1):
     _fail('fine_tune_after_block', config.fine_tune_after_block,
           f"must be -1 with train_mode={config.train_mode!r} (freezing blocks "
           "is for 'finetune')")
-
-  if not isinstance(config.image_size, int) or (
-      config.image_size < MIN_IMAGE_SIZE):
-    _fail('image_size', config.image_size,
-          f'the ResNet stem needs an integer >= {MIN_IMAGE_SIZE} px '
-          '(<= 32: CIFAR stem, > 32: ImageNet stem)')
 
   if config.train_steps < 0:
     _fail('train_steps', config.train_steps, 'must be >= 0 (0: from epochs)')
@@ -238,6 +263,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('init_checkpoint', config.init_checkpoint,
             f'train_mode={config.train_mode!r} needs a pretraining workdir, '
             'checkpoint or exported backbone to start from')
+
+
+def _check_backbone_keys(config) -> None:
+  """The chosen backbone's keys, image size and fine_tune_after_block; the
+  other backbone's keys must be at their defaults (they would be ignored)."""
+  defaults = base_config()
+  resnet_keys = ('resnet_depth', 'width_multiplier', 'sk_ratio')
+  vit_keys = tuple(k for k in defaults if k.startswith('vit_'))
+  other = vit_keys if config.model == 'resnet' else resnet_keys
+  for key in other:
+    if config[key] != defaults[key]:
+      _fail(key, config[key], f'it configures the other backbone '
+            f'(config.model={config.model!r}); leave it at '
+            f'{defaults[key]!r} or set config.model')
+  if config.model == 'resnet':
+    _one_of(config, 'resnet_depth', RESNET_DEPTHS)
+    _positive(config, 'width_multiplier')
+    _positive(config, 'sk_ratio', allow_zero=True)
+    if not isinstance(config.image_size, int) or (
+        config.image_size < MIN_IMAGE_SIZE):
+      _fail('image_size', config.image_size,
+            f'the ResNet stem needs an integer >= {MIN_IMAGE_SIZE} px '
+            '(<= 32: CIFAR stem, > 32: ImageNet stem)')
+    if not -1 <= config.fine_tune_after_block <= 4:
+      _fail('fine_tune_after_block', config.fine_tune_after_block,
+            'must be in [-1, 4] (-1: train all, 0: stem, 1..4: block groups)')
+    return
+  # Imported here: models/ imports this module.
+  from simclr_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    shape = vit.parse_vit_variant(config.vit_variant)
+  except ValueError:
+    _fail('vit_variant', config.vit_variant,
+          'expected SIZE/PATCH with SIZE one of '
+          f'{", ".join(vit.VIT_VARIANTS)} and PATCH one of '
+          f'{", ".join(map(str, vit.PATCH_SIZES))} (e.g. \'S/16\')')
+  _one_of(config, 'vit_pooling', vit.POOLINGS)
+  _one_of(config, 'vit_position_embedding', vit.POSITION_EMBEDDINGS)
+  heads = config.vit_num_heads or shape['num_heads']
+  if config.vit_num_heads < 0 or shape['hidden_size'] % heads:
+    _fail('vit_num_heads', config.vit_num_heads,
+          f'must be 0 (the variant\'s {shape["num_heads"]}) or divide the '
+          f'width {shape["hidden_size"]} of ViT-{config.vit_variant}')
+  patch = shape['patch_size']
+  if not isinstance(config.image_size, int) or config.image_size < patch or (
+      config.image_size % patch):
+    _fail('image_size', config.image_size,
+          f'ViT-{config.vit_variant} needs a multiple of its patch size '
+          f'{patch}')
+  depth = shape['depth']
+  if not -1 <= config.fine_tune_after_block <= depth:
+    _fail('fine_tune_after_block', config.fine_tune_after_block,
+          f'must be in [-1, {depth}] for ViT-{config.vit_variant} (-1: train '
+          f'all, 0: patch and position embedding, 1..{depth}: encoder '
+          'blocks; the final LayerNorm goes with the last)')
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, *,

@@ -199,6 +199,11 @@ def check_init_checkpoint(config, workdir: str, model) -> None:
   except (OSError, ValueError) as e:
     raise BadInput(f'config.init_checkpoint={path!r} cannot be read: '
                    f'{one_line(e)}') from None
+  held = [k for k in ('resnet', 'vit') if k in pretrained['params']]
+  if held and config.model not in held:
+    raise BadInput(f'config.init_checkpoint={path!r} holds a {held[0]!r} '
+                   f'backbone but config.model={config.model!r}: set '
+                   'config.model and its keys as in the run that wrote it.')
   variables = _abstract_variables(config, model)
   reinit = checkpoint.init_checkpoint_reinit(config, pretrained['params'])
   try:

@@ -97,10 +97,14 @@ def load_init_checkpoint(state: TrainState, config, mesh) -> TrainState:
     params['supervised_head'] = jax.tree.map(np.zeros_like,
                                              params['supervised_head'])
   # Optimizer state restarts: its moments belong to the old objective.
+  # Replicated like the rest (a step count made by jit would otherwise
+  # sit on one device, and the compiled step would have to move it).
   params = sharding.replicate(params, mesh)
+  replicated = sharding.replicated_sharding(mesh)
   return state.replace(params=params,
                        batch_stats=sharding.replicate(batch_stats, mesh),
-                       opt_state=jax.jit(state.tx.init)(params))
+                       opt_state=jax.jit(state.tx.init,
+                                         out_shardings=replicated)(params))
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
         metrics['supervised_acc'] = jnp.mean(
             losses.topk_correct(logits, labels, 1))
         loss += sup_loss + optim.supervised_head_l2(
-            params, config.weight_decay)
+            params, optim.loss_weight_decay(config))
       metrics['loss'] = loss
       return loss, (metrics, new_vars['batch_stats'])
 

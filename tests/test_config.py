@@ -42,7 +42,8 @@ def test_the_issue_configs_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
   assert {'r50_4096', 'r50_2x_sk1', 'cifar10_r50', 'cifar10_r18',
           'imagenet_linear_eval', 'imagenet_finetune_1pct',
-          'imagenet_finetune_10pct', 'r50_supervised', 'demo'} <= names
+          'imagenet_finetune_10pct', 'r50_supervised', 'demo',
+          'vit_s16_simclr', 'vit_b16_simclr', 'demo_vit'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
@@ -64,7 +65,7 @@ def test_config_loads_validates_and_builds(path):
   # Shapes only: no parameter is allocated, even for ResNet-50 2x SK.
   state = jax.eval_shape(lambda: train.create_train_state(
       config, model, tx, jax.random.PRNGKey(0)))
-  assert 'resnet' in state.params
+  assert config.model in state.params  # 'resnet' or 'vit'.
   assert ('supervised_head' in state.params) == model.has_supervised_head()
   assert jax.tree.leaves(state.opt_state)
 
@@ -129,6 +130,24 @@ PAPER_VALUES = {
     'r50_supervised': dict(
         train_mode='supervised', optimizer='momentum', nesterov=True,
         train_epochs=90, weight_decay=1e-4),
+    # MoCo v3 (Chen, Xie & He 2021): Table 2 (ViT-S 12 heads), §4.2
+    # (frozen patch projection), §5 (AdamW, batch 4096, 40 warmup epochs,
+    # sin-cos, class token, 3-layer head 4096/256 with BN, τ 0.2), Table 4
+    # (300 epochs), Fig. 6 (SimCLR: lr 2e-4, wd 0.1).
+    'vit_s16_simclr': dict(
+        model='vit', vit_variant='S/16', vit_num_heads=12,
+        vit_pooling='token', vit_position_embedding='sincos2d',
+        vit_frozen_patch_embedding=True, optimizer='adamw',
+        learning_rate=2e-4, learning_rate_scaling='linear', weight_decay=0.1,
+        train_batch_size=4096, train_epochs=300, warmup_epochs=40.0,
+        temperature=0.2, num_proj_layers=3, proj_hidden_dim=4096,
+        proj_out_dim=256, proj_head_bn=True, proj_out_bn_scale=False,
+        image_size=224),
+    'vit_b16_simclr': dict(
+        model='vit', vit_variant='B/16', vit_num_heads=0, optimizer='adamw',
+        learning_rate=2e-4, weight_decay=0.1, train_batch_size=4096,
+        train_epochs=300, warmup_epochs=40.0, temperature=0.2,
+        proj_hidden_dim=4096, proj_out_dim=256, proj_out_bn_scale=False),
 }
 
 
@@ -139,8 +158,8 @@ def test_config_has_the_values_of_the_paper_it_cites(name):
   assert got == PAPER_VALUES[name]
 
 
-def _base():
-  config = load(os.path.join(CONFIG_DIR, 'demo.py'))
+def _base(name='demo'):
+  config = load(os.path.join(CONFIG_DIR, f'{name}.py'))
   return config
 
 
@@ -205,6 +224,88 @@ def test_every_float_key_must_be_finite(value):
       config_lib.validate(config)
 
 
+# On configs/demo_vit.py (ViT-Ti/4 at 16 px).
+BAD_VIT = [
+    ('vit_variant', 'X/16', "SIZE one of mu, Ti, S, B, L and PATCH one of "
+     "4, 8, 14, 16, 32 (e.g. 'S/16')"),
+    ('vit_variant', 'S/15', 'PATCH one of'),
+    ('vit_variant', 'S16', 'SIZE/PATCH'),
+    ('vit_pooling', 'cls', "expected one of 'token', 'gap'"),
+    ('vit_position_embedding', 'none', 'expected one of'),
+    ('vit_num_heads', 5, "divide the width 192 of ViT-Ti/4"),
+    ('image_size', 18, 'multiple of its patch size 4'),
+    ('fine_tune_after_block', 13, 'must be in [-1, 12] for ViT-Ti/4'),
+    # The ResNet's keys, which a ViT would ignore, are refused.
+    ('resnet_depth', 18, "the other backbone (config.model='vit')"),
+    ('width_multiplier', 2, 'leave it at 1'),
+    ('sk_ratio', 0.0625, 'the other backbone'),
+    ('proj_hidden_dim', -1, 'must be >= 0'),
+    ('grad_clip_norm', -1.0, 'must be >= 0'),
+]
+
+
+@pytest.mark.parametrize('key,value,expected', BAD_VIT,
+                         ids=[f'{k}={v}' for k, v, _ in BAD_VIT])
+def test_bad_vit_config_is_one_line_naming_key_and_value(key, value,
+                                                         expected):
+  config = _base('demo_vit')
+  config_lib.validate(config)
+  with config.unlocked():
+    config[key] = value
+    if key == 'fine_tune_after_block':
+      config.train_mode = 'finetune'
+      config.init_checkpoint = '/pretrain/workdir'
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(f'config.{key}={value!r} is invalid')
+  assert expected in message
+
+
+@pytest.mark.parametrize('key,value', [
+    ('vit_variant', 'B/16'), ('vit_frozen_patch_embedding', False),
+    ('vit_pooling', 'gap')])
+def test_vit_keys_with_a_resnet_are_refused(key, value):
+  config = _base('demo')
+  with config.unlocked():
+    config[key] = value
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"config.{key}={value!r} is invalid: it "
+                     r"configures the other backbone \(config.model="
+                     r"'resnet'\)"):
+    config_lib.validate(config)
+
+
+def test_vit_fine_tune_after_block_covers_every_block():
+  config = _base('demo_vit')
+  with config.unlocked():
+    config.update(train_mode='finetune', init_checkpoint='/pretrain/workdir')
+    for after in (-1, 0, 5, 12):
+      config.fine_tune_after_block = after
+      config_lib.validate(config)
+
+
+@pytest.mark.parametrize('name', ['vit_s16_simclr', 'vit_b16_simclr'])
+def test_vit_linear_eval_mode_keeps_the_architecture(name):
+  path = os.path.join(CONFIG_DIR, f'{name}.py')
+  spec = importlib.util.spec_from_file_location('config_' + name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pretrain, probe = module.get_config(), module.get_config('linear_eval')
+  arch = [k for k in pretrain if k.startswith(('vit_', 'proj_'))] + [
+      'model', 'num_proj_layers', 'image_size']
+  assert {k: probe[k] for k in arch} == {k: pretrain[k] for k in arch}
+  # MoCo v3's linear probe (§5, CONFIG.md): SGD momentum, lr 3·B/256 at
+  # batch 1024, no weight decay, 90 epochs.
+  assert (probe.train_mode, probe.optimizer, probe.nesterov) == (
+      'linear_eval', 'momentum', False)
+  assert (probe.learning_rate, probe.train_batch_size, probe.weight_decay,
+          probe.train_epochs) == (3.0, 1024, 0.0, 90)
+  with pytest.raises(ValueError, match='unknown mode'):
+    module.get_config('finetune')
+
+
 def test_batch_not_divisible_by_the_devices_is_named():
   config = _base()
   with config.unlocked():
@@ -252,7 +353,10 @@ def test_model_defaults_are_the_configs():
   assert {'num_proj_layers', 'proj_head_mode', 'proj_out_dim', 'resnet_depth',
           'width_multiplier', 'sk_ratio', 'ft_proj_selector', 'train_mode',
           'lineareval_while_pretraining', 'fine_tune_after_block',
-          'dtype', 'remat'} <= set(fields)
+          'dtype', 'remat', 'model', 'vit_variant', 'vit_num_heads',
+          'vit_pooling', 'vit_position_embedding',
+          'vit_frozen_patch_embedding', 'proj_hidden_dim', 'proj_head_bn',
+          'proj_out_bn_scale'} <= set(fields)
   for name, default in fields.items():
     expected = base[name]
     if name == 'dtype':

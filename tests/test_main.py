@@ -132,6 +132,14 @@ CLI_CASES = [
      ['--config=' + DEMO, '--config.train_mode=linear_eval',
       '--config.init_checkpoint=/no/such/run'],
      ["config.init_checkpoint='/no/such/run'", 'no such path']),
+    ('bad_vit_variant',
+     ['--config=' + config_file('vit_s16_simclr'), '--config.vit_variant=S/17'],
+     ["config.vit_variant='S/17' is invalid: expected SIZE/PATCH with SIZE "
+      "one of mu, Ti, S, B, L and PATCH one of 4, 8, 14, 16, 32"]),
+    ('resnet_key_with_a_vit',
+     ['--config=' + config_file('vit_s16_simclr'), '--config.sk_ratio=0.0625'],
+     ["config.sk_ratio=0.0625 is invalid: it configures the other backbone "
+      "(config.model='vit')"]),
 ]
 
 

@@ -390,3 +390,188 @@ def test_adam_epsilon_is_keras_1e7():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates['w'], -0.1 * 1e-7 / (1e-7 + 1e-7),
                              rtol=1e-4)
+
+
+# --- AdamW, frozen patch projection, clipping: the ViT recipe ---------------
+def numpy_adamw(params, grads_per_step, lrs, *, weight_decay, decayed,
+                b1=0.9, b2=0.999, eps=1e-8):
+  """Loshchilov & Hutter's AdamW as torch.optim.AdamW steps it (MoCo v3):
+  w <- w − lr·wd·w, then w <- w − lr·m̂/(√v̂ + ε)."""
+  w = {k: v.copy() for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(x) for k, x in params.items()}
+  for t, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+    for k in w:
+      g = grads[k]
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g * g
+      m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+      wd = weight_decay if decayed(k) else 0.0
+      w[k] = w[k] - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * w[k])
+  return w
+
+
+VIT_LEAVES = {
+    ('vit', 'patch_embedding', 'kernel'): (4, 4, 3, 8),
+    ('vit', 'patch_embedding', 'bias'): (8,),
+    ('vit', 'class_token'): (1, 1, 8),
+    ('vit', 'block0', 'norm1', 'scale'): (8,),
+    ('vit', 'block0', 'attention', 'query', 'kernel'): (8, 2, 4),
+    ('vit', 'block0', 'attention', 'query', 'bias'): (2, 4),
+    ('projection_head', 'layer_0', 'bn', 'scale'): (16,),
+    ('supervised_head', 'kernel'): (8, 5),
+    ('supervised_head', 'bias'): (5,),
+}
+PATCHES = ('vit', 'patch_embedding')
+
+
+def vit_problem(seed=0, steps=4):
+  rng = np.random.default_rng(seed)
+  params = {p: rng.normal(size=s) for p, s in VIT_LEAVES.items()}
+  grads = [{p: rng.normal(size=s) for p, s in VIT_LEAVES.items()}
+           for _ in range(steps)]
+  for g in grads:  # The model's stop_gradient: no patch-projection gradient.
+    for p in g:
+      if p[:2] == PATCHES:
+        g[p] = np.zeros_like(g[p])
+  return params, grads
+
+
+def run_optimizer(tx, params, grads_per_step):
+  tree = nest({k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+  state = tx.init(tree)
+  for grads in grads_per_step:
+    g = nest({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()})
+    updates, state = tx.update(g, state, tree)
+    tree = optax.apply_updates(tree, updates)
+  return flatten(tree)
+
+
+def vit_config(**overrides):
+  settings = dict(model='vit', vit_variant='mu/4', optimizer='adamw',
+                  weight_decay=0.1)
+  settings.update(overrides)
+  return make_config(**settings)
+
+
+@pytest.mark.parametrize('frozen', [True, False])
+def test_adamw_matches_numpy_and_decays_all_that_trains(frozen):
+  """MoCo v3's AdamW decays every parameter that trains (biases, norms, the
+  class token, the classifier) and leaves a frozen patch projection exactly
+  where it was (its gradient is zero, but decay alone would shrink it)."""
+  config = vit_config(vit_frozen_patch_embedding=frozen)
+  params, grads = vit_problem()
+  lrs = [0.01] * len(grads)
+  got = run_optimizer(optim.create_optimizer(config, 0.01), params, grads)
+  want = numpy_adamw(params, grads, lrs, weight_decay=0.1,
+                     decayed=lambda k: True)
+  for k in params:
+    if frozen and k[:2] == PATCHES:
+      np.testing.assert_array_equal(got[k], params[k].astype(np.float32))
+    else:
+      np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6,
+                                 err_msg=str(k))
+  if not frozen:  # Decay alone moved the projection that gets no gradient.
+    assert not np.allclose(got[('vit', 'patch_embedding', 'kernel')],
+                           params[('vit', 'patch_embedding', 'kernel')])
+
+
+def test_adamw_moves_no_weight_through_the_loss_l2():
+  # AdamW's decoupled decay covers the supervised head: no l2 in the loss.
+  assert optim.loss_weight_decay(vit_config()) == 0.0
+  assert optim.loss_weight_decay(make_config(weight_decay=1e-6)) == 1e-6
+
+
+@pytest.mark.parametrize('name', ['lars', 'momentum', 'adam', 'adamw'])
+def test_frozen_patch_projection_never_moves(name):
+  """Whatever the optimizer: LARS and momentum/adam decay would move it
+  too, so it is taken out of the optimizer."""
+  config = vit_config(optimizer=name)
+  params, grads = vit_problem(seed=1)
+  got = run_optimizer(optim.create_optimizer(config, 0.05), params, grads)
+  for k in params:
+    moved = not np.array_equal(got[k], params[k].astype(np.float32))
+    assert moved == (k[:2] != PATCHES), (name, k)
+
+
+def test_lars_exclusions_on_the_real_vit():
+  """LARS skips decay and trust ratio on LayerNorm parameters, biases (also
+  the [heads, head_dim] attention biases) and the classifier; it adapts the
+  kernels, the class token and a learned position embedding."""
+  config = vit_config(vit_variant='Ti/16', vit_position_embedding='learned',
+                      image_size=32)
+  model = models.create_model(config, 10)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                         train=False))['params']
+  layer_norms = {'norm1', 'norm2', 'final_norm'}
+  seen = set()
+  for path, excluded in jax.tree_util.tree_leaves_with_path(
+      optim.lars_exclusion_mask(shapes)):
+    names = [k.key for k in path]
+    if names[0] == 'supervised_head':
+      kind = 'classifier'
+    elif names[-2] in layer_norms or names[-2] == 'bn':
+      kind = 'norm'
+    elif names[-1] == 'bias':
+      kind = 'bias'
+    else:
+      assert names[-1] in ('kernel', 'class_token', 'position_embedding')
+      kind = names[-1]
+    seen.add(kind)
+    assert excluded == (kind in ('classifier', 'norm', 'bias')), names
+  assert seen == {'classifier', 'norm', 'bias', 'kernel', 'class_token',
+                  'position_embedding'}
+
+
+@pytest.mark.parametrize('after,frozen_stages', [
+    (-1, set()), (0, {0}), (1, {0, 1}), (12, set(range(14)))])
+def test_vit_fine_tune_after_block_freezes_stages(after, frozen_stages):
+  """Stage 0: patch projection, class token; stage k: block{k-1}; the final
+  LayerNorm (stage 13 here) goes with the last block. The patch projection
+  is frozen in every mode (vit_frozen_patch_embedding)."""
+  config = small_config('finetune', model='vit', vit_variant='Ti/4',
+                        image_size=8, fine_tune_after_block=after,
+                        init_checkpoint='x')
+  model = models.create_model(config, 10)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)),
+                         train=False))['params']
+  for path, label in jax.tree_util.tree_leaves_with_path(
+      optim.trainable_labels(params, config)):
+    names = [k.key for k in path]
+    if names[0] != 'vit':
+      assert label == 'train', names
+      continue
+    if names[1].startswith('block'):
+      stage = int(names[1][len('block'):]) + 1
+    else:
+      stage = 13 if names[1] == 'final_norm' else 0
+    frozen = stage in frozen_stages or (after == 12 and stage == 13)
+    frozen |= names[1] == 'patch_embedding'
+    assert (label == 'frozen') == frozen, names
+
+
+def test_gradient_clipping_by_global_norm():
+  """grad_clip_norm=c: the optimizer sees g·c/max(‖g‖, c) (the global norm
+  over every leaf; numpy by hand)."""
+  params, grads = vit_problem(seed=2, steps=1)
+  norm = math.sqrt(sum(np.sum(g**2) for g in grads[0].values()))
+  clipped = [{k: g * 0.5 / norm for k, g in grads[0].items()}]
+  config = vit_config(optimizer='momentum', weight_decay=0.0,
+                      vit_frozen_patch_embedding=False)
+  got = run_optimizer(optim.create_optimizer(
+      vit_config(optimizer='momentum', weight_decay=0.0,
+                 vit_frozen_patch_embedding=False, grad_clip_norm=0.5), 0.1),
+                      params, grads)
+  want = run_optimizer(optim.create_optimizer(config, 0.1), params, clipped)
+  for k in params:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=str(k))
+  # Below the threshold nothing changes.
+  loose = run_optimizer(optim.create_optimizer(
+      vit_config(optimizer='momentum', weight_decay=0.0,
+                 vit_frozen_patch_embedding=False,
+                 grad_clip_norm=2 * norm), 0.1), params, grads)
+  plain = run_optimizer(optim.create_optimizer(config, 0.1), params, grads)
+  for k in params:
+    np.testing.assert_allclose(loose[k], plain[k], rtol=1e-6)

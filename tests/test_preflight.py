@@ -331,3 +331,29 @@ def test_remote_workdir_is_probed_with_a_write(tmp_path, monkeypatch):
                      'invalid: no such path'):
     preflight.check_init_checkpoint(config, str(tmp_path / 'new'), None)
   gfile.rmtree(url)
+
+
+def test_init_checkpoint_of_the_other_backbone_is_named(tmp_path):
+  """A ResNet checkpoint (e.g. a converted reference model) as a ViT's
+  init_checkpoint, and the reverse: one line naming both."""
+  resnet = _demo_config()
+  _save_variables(str(tmp_path / 'resnet'), _abstract_variables(resnet))
+  vit_config = runpy.run_path(config_file('demo_vit'))['get_config']()
+  with vit_config.unlocked():
+    vit_config.update(train_mode='linear_eval',
+                      init_checkpoint=str(tmp_path / 'resnet'))
+  empty = str(tmp_path / 'empty_workdir')
+  with pytest.raises(preflight.BadInput, match=(
+      r"holds a 'resnet' backbone but config.model='vit': set config.model "
+      'and its keys as in the run that wrote it')):
+    preflight.check_init_checkpoint(
+        vit_config, empty, models.create_model(vit_config, 10))
+  with vit_config.unlocked():
+    vit_config.train_mode = 'pretrain'
+  _save_variables(str(tmp_path / 'vit'), _abstract_variables(vit_config))
+  linear = _demo_config(train_mode='linear_eval',
+                        init_checkpoint=str(tmp_path / 'vit'))
+  with pytest.raises(preflight.BadInput, match=(
+      r"holds a 'vit' backbone but config.model='resnet'")):
+    preflight.check_init_checkpoint(linear, empty,
+                                    models.create_model(linear, 10))

@@ -206,6 +206,7 @@ def test_kill_9_and_resume_is_exact(tmp_path):
   assert len(history) == 1
 
 
+@pytest.mark.slow  # 15 process starts: minutes on 2 cores.
 def test_kill_9_ten_times_and_resume_is_exact(tmp_path):
   modes = ['during_step', 'async_write', 'between_steps'] * 3 + ['async_write']
   history = _kill_and_resume(tmp_path, total_steps=14, modes=modes,

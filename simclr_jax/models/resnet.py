@@ -66,13 +66,15 @@ class BatchNorm(nn.Module):
   momentum: float = BATCH_NORM_DECAY
   epsilon: float = BATCH_NORM_EPSILON
   use_bias: bool = True
+  use_scale: bool = True
   scale_init: Any = nn.initializers.ones
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     features = (x.shape[-1],)
-    scale = self.param('scale', self.scale_init, features, jnp.float32)
+    scale = (self.param('scale', self.scale_init, features, jnp.float32)
+             if self.use_scale else 1.0)
     bias = (self.param('bias', nn.initializers.zeros, features, jnp.float32)
             if self.use_bias else 0.0)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,

@@ -1,4 +1,4 @@
-"""SimCLR model: ResNet backbone f, projection head g, linear classifier.
+"""SimCLR model: backbone f (ResNet or ViT), projection head g, classifier.
 
 `h = f(x)`, `z = g(h)` (contrastive loss on z), and an optional linear
 classifier named `supervised_head` (LARS exclusion and weight decay decided by
@@ -12,6 +12,12 @@ ft_proj_selector]` (`tf2/model.py` `Model.__call__`), per train_mode:
 - finetune: gradients flow into the network except for the blocks frozen by
   `fine_tune_after_block`.
 - supervised: a classifier on h, everything trained.
+
+The backbone is `config.model`'s, its parameters under that name: a ResNet
+(`resnet`) or a Vision Transformer (`vit`; h is the class token or the mean
+token after the final LayerNorm). Neither has a classifier of its own and
+both give h in float32, so the head, the classifier, the evaluators and the
+checkpoint export treat them alike.
 """
 from typing import Any, Optional
 
@@ -20,7 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from simclr_jax import config as config_lib
+from simclr_jax.models import vit
 from simclr_jax.models.heads import ProjectionHead
+from simclr_jax.models.resnet import output_width
 from simclr_jax.models.resnet import ResNet
 
 # The field defaults are the config's (one definition of each default).
@@ -39,13 +47,22 @@ class SimCLRModel(nn.Module):
   `fine_tune_after_block` only acts in finetune mode (the reference rejects it
   in pretraining; linear_eval freezes the whole backbone anyway).
   """
+  model: str = _DEFAULTS.model
   resnet_depth: int = _DEFAULTS.resnet_depth
   width_multiplier: int = _DEFAULTS.width_multiplier
   sk_ratio: float = _DEFAULTS.sk_ratio
   cifar_stem: bool = False  # Derived: image_size <= 32.
+  vit_variant: str = _DEFAULTS.vit_variant
+  vit_num_heads: int = _DEFAULTS.vit_num_heads
+  vit_pooling: str = _DEFAULTS.vit_pooling
+  vit_position_embedding: str = _DEFAULTS.vit_position_embedding
+  vit_frozen_patch_embedding: bool = _DEFAULTS.vit_frozen_patch_embedding
   proj_head_mode: str = _DEFAULTS.proj_head_mode
   num_proj_layers: int = _DEFAULTS.num_proj_layers
   proj_out_dim: int = _DEFAULTS.proj_out_dim
+  proj_hidden_dim: int = _DEFAULTS.proj_hidden_dim
+  proj_head_bn: bool = _DEFAULTS.proj_head_bn
+  proj_out_bn_scale: bool = _DEFAULTS.proj_out_bn_scale
   ft_proj_selector: int = _DEFAULTS.ft_proj_selector
   num_classes: Optional[int] = None
   train_mode: str = _DEFAULTS.train_mode
@@ -56,6 +73,30 @@ class SimCLRModel(nn.Module):
 
   def has_supervised_head(self) -> bool:
     return self.train_mode != 'pretrain' or self.lineareval_while_pretraining
+
+  def backbone(self, freeze_after: Optional[int]) -> nn.Module:
+    """The backbone f; `freeze_after` is its fine_tune_after_block, or
+    None for all of it (linear_eval)."""
+    if self.model == 'vit':
+      shape = vit.parse_vit_variant(self.vit_variant)
+      return vit.VisionTransformer(
+          **{**shape, 'num_heads': self.vit_num_heads or shape['num_heads']},
+          pooling=self.vit_pooling,
+          position_embedding=self.vit_position_embedding,
+          frozen_patch_embedding=self.vit_frozen_patch_embedding,
+          dtype=self.dtype, remat=self.remat,
+          fine_tune_after_block=(shape['depth'] if freeze_after is None
+                                 else freeze_after),
+          name='vit')
+    if self.model != 'resnet':
+      raise ValueError(f'Unknown model {self.model!r}; expected one of '
+                       f'{config_lib.MODELS}.')
+    return ResNet(self.resnet_depth, self.width_multiplier,
+                  sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
+                  dtype=self.dtype,
+                  fine_tune_after_block=(4 if freeze_after is None
+                                         else freeze_after),
+                  remat=self.remat, name='resnet')
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -68,19 +109,18 @@ class SimCLRModel(nn.Module):
                        'builds a supervised_head and needs num_classes > 0.')
     frozen = self.train_mode == 'linear_eval'
     if frozen:
-      freeze_after = 4
+      freeze_after = None  # All of it.
     elif self.train_mode == 'finetune':
       freeze_after = self.fine_tune_after_block
     else:
       freeze_after = -1
 
-    h = ResNet(self.resnet_depth, self.width_multiplier,
-               sk_ratio=self.sk_ratio, cifar_stem=self.cifar_stem,
-               dtype=self.dtype, fine_tune_after_block=freeze_after,
-               remat=self.remat, name='resnet')(images, train)
+    h = self.backbone(freeze_after)(images, train)
     projection, hiddens = ProjectionHead(
         self.proj_head_mode, self.num_proj_layers, self.proj_out_dim,
-        dtype=self.dtype, name='projection_head')(h, train and not frozen)
+        dtype=self.dtype, hidden_dim=self.proj_hidden_dim,
+        use_bn=self.proj_head_bn, out_bn_scale=self.proj_out_bn_scale,
+        name='projection_head')(h, train and not frozen)
     if not 0 <= self.ft_proj_selector < len(hiddens):
       raise ValueError(f'ft_proj_selector={self.ft_proj_selector} but the '
                        f'{self.proj_head_mode!r} head has {len(hiddens) - 1} '
@@ -111,13 +151,22 @@ def create_model(config, num_classes: Optional[int] = None) -> SimCLRModel:
     num_classes: width of the supervised head (the dataset's classes).
   """
   return SimCLRModel(
+      model=config.model,
       resnet_depth=config.resnet_depth,
       width_multiplier=config.width_multiplier,
       sk_ratio=config.sk_ratio,
       cifar_stem=config.image_size <= 32,
+      vit_variant=config.vit_variant,
+      vit_num_heads=config.vit_num_heads,
+      vit_pooling=config.vit_pooling,
+      vit_position_embedding=config.vit_position_embedding,
+      vit_frozen_patch_embedding=config.vit_frozen_patch_embedding,
       proj_head_mode=config.proj_head_mode,
       num_proj_layers=config.num_proj_layers,
       proj_out_dim=config.proj_out_dim,
+      proj_hidden_dim=config.proj_hidden_dim,
+      proj_head_bn=config.proj_head_bn,
+      proj_out_bn_scale=config.proj_out_bn_scale,
       ft_proj_selector=config.ft_proj_selector,
       num_classes=num_classes,
       train_mode=config.train_mode,
@@ -126,3 +175,11 @@ def create_model(config, num_classes: Optional[int] = None) -> SimCLRModel:
       dtype=jnp.dtype(config.dtype),
       remat=config.remat,
   )
+
+
+def representation_width(config) -> int:
+  """Width of h for the config's backbone (ResNet: 512·w or 2048·w; ViT: its
+  hidden size)."""
+  if config.model == 'vit':
+    return vit.parse_vit_variant(config.vit_variant)['hidden_size']
+  return output_width(config.resnet_depth, config.width_multiplier)

@@ -64,16 +64,20 @@ class ViTShape:
 
 
 # Sizes: ViT paper Table 1 (Base, Large; MLP width 4·hidden) and DeiT
-# (Touvron et al. 2021) Table 1 (Tiny, Small), the same as big_vision.
-# MoCo v3's ViT-S uses 12 heads instead of 6; heads change neither the
-# parameter count nor the FLOPs (`vit_from_variant(..., num_heads=12)`).
+# (Touvron et al. 2021) Table 1 (Tiny, Small), the same as big_vision;
+# 'mu' is big_vision's micro size (width 32, one block, 2 heads), for tests
+# and CPU demos. MoCo v3's ViT-S uses 12 heads instead of 6; heads change
+# neither the parameter count nor the FLOPs (`vit_from_variant(...,
+# num_heads=12)`).
 VIT_VARIANTS = {
+    'mu': ViTShape(hidden_size=32, depth=1, num_heads=2),
     'Ti': ViTShape(hidden_size=192, depth=12, num_heads=3),
     'S': ViTShape(hidden_size=384, depth=12, num_heads=6),
     'B': ViTShape(hidden_size=768, depth=12, num_heads=12),
     'L': ViTShape(hidden_size=1024, depth=24, num_heads=16),
 }
-PATCH_SIZES = (8, 14, 16, 32)
+# 4: the usual patch for CIFAR-size (32 px) images.
+PATCH_SIZES = (4, 8, 14, 16, 32)
 POOLINGS = ('token', 'gap')
 POSITION_EMBEDDINGS = ('learned', 'sincos2d')
 
@@ -235,6 +239,12 @@ class VisionTransformer(nn.Module):
     dtype: compute dtype of the matmuls; parameters and h are float32.
     remat: recompute each block's activations in the backward pass
       (`nn.remat` per block), trading compute for activation memory.
+    fine_tune_after_block: the ResNet's option in blocks of the ViT: the
+      output of stage k goes through stop_gradient, so stages 0..k get no
+      gradient. Stage 0 is the embedding (patch projection, class token,
+      position embedding), stage k in 1..depth is encoder block k (the
+      parameters `block{k-1}`), and the final LayerNorm belongs to the last
+      stage, so k = depth freezes the whole encoder. -1 trains everything.
 
   `train` is accepted for the SimCLR model's calling convention; nothing in
   the encoder depends on it (no dropout, no BatchNorm).
@@ -254,6 +264,7 @@ class VisionTransformer(nn.Module):
   frozen_patch_embedding: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  fine_tune_after_block: int = -1
 
   def _check(self, image_height: int, image_width: int):
     if self.pooling not in POOLINGS:
@@ -269,6 +280,11 @@ class VisionTransformer(nn.Module):
     if image_height % self.patch_size or image_width % self.patch_size:
       raise ValueError(f'Image size {image_height}x{image_width} is not '
                        f'divisible by the ViT patch size {self.patch_size}.')
+    if not -1 <= self.fine_tune_after_block <= self.depth:
+      raise ValueError(f'ViT fine_tune_after_block='
+                       f'{self.fine_tune_after_block} is not in [-1, '
+                       f'{self.depth}] (0: embedding, 1..{self.depth}: '
+                       'blocks).')
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -295,12 +311,20 @@ class VisionTransformer(nn.Module):
           nn.initializers.normal(stddev=self.hidden_size**-0.5),
           (1, x.shape[1], self.hidden_size), jnp.float32)
 
+    x = self._freeze_through(0, x)
+
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, dtype=self.dtype,
                 name=f'block{i}')(x)
-    x = layer_norm('final_norm')(x)
+      if i + 1 < self.depth:
+        x = self._freeze_through(i + 1, x)
+    x = self._freeze_through(self.depth, layer_norm('final_norm')(x))
     return x[:, 0] if self.pooling == 'token' else jnp.mean(x, axis=1)
+
+  def _freeze_through(self, stage: int, x):
+    """stop_gradient on the output of `stage` if it is the last frozen one."""
+    return jax.lax.stop_gradient(x) if stage == self.fine_tune_after_block else x
 
 
 def frozen_patch_embedding_mask(params) -> Any:

@@ -31,8 +31,9 @@ from simclr_jax.runtime import files
 FILE_NAME = 'simclr_jax_run.json'
 IDENTITY_KEYS = (
     'train_mode', 'dataset', 'train_split', 'image_size', 'train_batch_size',
-    'seed', 'optimizer', 'resnet_depth', 'width_multiplier', 'sk_ratio',
-    'proj_head_mode', 'num_proj_layers', 'proj_out_dim', 'ft_proj_selector',
+    'seed', 'optimizer', 'model', 'resnet_depth', 'width_multiplier',
+    'sk_ratio', 'vit_variant', 'vit_pooling', 'proj_head_mode',
+    'num_proj_layers', 'proj_out_dim', 'ft_proj_selector',
     'fine_tune_after_block', 'lineareval_while_pretraining')
 
 

@@ -25,7 +25,7 @@ batch of the config's global batch size, so no dataset is needed):
 - `input`: the input pipeline alone, two-view images/s, to see which side is
   the bottleneck;
 - `baseline`: the same step written directly with `jax.jit` (bench_baseline.py),
-  and the ratio of our throughput to it;
+  and the ratio of our throughput to it (ResNets only, as `tf`);
 - `tf`: the same step in TensorFlow as the reference release runs it
   (bench_tf_reference.py: oneDNN convolutions on x86 CPUs, no XLA), on the
   host CPU, and the ratio of our throughput to it (meaningful when our step
@@ -65,7 +65,8 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                   lock_config=True)
   flags.DEFINE_list('what', ['train', 'input'],
-                    'Any of train, input, baseline, tf (all: the four).')
+                    'Any of train, input, baseline, tf (all: the four; '
+                    'baseline and tf are ResNet steps).')
   flags.DEFINE_integer('steps', 5, 'Timed steps (the median is reported).')
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
   flags.DEFINE_float('peak_tflops', None,
@@ -114,19 +115,36 @@ def xla_flops(compiled):
 
 
 def analytic_step_flops(config):
-  """flops.py's count of one pretraining step (both views, 3 × forward)."""
-  width = 2048 if config.resnet_depth >= 50 else 512
-  width *= config.width_multiplier
+  """flops.py's count of one pretraining step (both views, 3 × forward):
+  the config's ResNet or ViT (`config.model`) and its projection head."""
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  width = models.representation_width(config)
+  hidden = config.proj_hidden_dim or width
   head = ()
   if config.proj_head_mode == 'nonlinear':
-    head = (width,) * (config.num_proj_layers - 1) + (config.proj_out_dim,)
+    head = (hidden,) * (config.num_proj_layers - 1) + (config.proj_out_dim,)
   elif config.proj_head_mode == 'linear':
     head = (config.proj_out_dim,)
-  per_image = flops.resnet_forward_flops(
-      config.resnet_depth, image_size=config.image_size,
-      width_multiplier=config.width_multiplier,
-      cifar_stem=config.image_size <= 32, head_dims=head)
+  if config.model == 'vit':
+    from simclr_jax.models import vit  # pylint: disable=g-import-not-at-top
+    shape = vit.parse_vit_variant(config.vit_variant)
+    per_image = flops.vit_forward_flops(
+        image_size=config.image_size, patch_size=shape['patch_size'],
+        hidden_size=shape['hidden_size'], depth=shape['depth'],
+        class_token=config.vit_pooling == 'token', head_dims=head)
+  else:
+    per_image = flops.resnet_forward_flops(
+        config.resnet_depth, image_size=config.image_size,
+        width_multiplier=config.width_multiplier,
+        cifar_stem=config.image_size <= 32, head_dims=head)
   return flops.train_step_flops(per_image, 2 * config.train_batch_size)
+
+
+def model_name(config) -> str:
+  """'ResNet-50 1x' or 'ViT-S/16' (the bench's header and JSON)."""
+  if config.model == 'vit':
+    return f'ViT-{config.vit_variant}'
+  return f'ResNet-{config.resnet_depth} {config.width_multiplier}x'
 
 
 def mfu(flops_per_step, step_s, peak_flops_per_device, devices):
@@ -196,6 +214,7 @@ def bench_train(config, *, steps, warmup, peak_tflops=None):
     peak = flops.peak_flops_per_device(kind, config.dtype)
   result = {
       'config_batch': config.train_batch_size, 'image_size': config.image_size,
+      'model': model_name(config),
       'resnet_depth': config.resnet_depth, 'dtype': config.dtype,
       'platform': jax.devices()[0].platform, 'device_kind': kind,
       'devices': devices, 'processes': jax.process_count(),
@@ -320,15 +339,30 @@ def print_report(results):
   print('BENCH_JSON ' + json.dumps(results, sort_keys=True), flush=True)
 
 
-def run(config, *, what=('train', 'input'), steps=5, warmup=1,
-        peak_tflops=None, input_seconds=10.0, micro_batch_sizes=()):
-  """Runs the requested benches; returns {'train': {...}, 'input': ..., ...}."""
+def benches(config, what):
+  """The --what list as a tuple of bench names; ValueError (one line) for
+  an unknown name, or a ResNet-only bench with another backbone."""
   allowed = ('train', 'input', 'baseline', 'tf')
-  what = allowed if 'all' in what else tuple(what)
+  if 'all' in what:  # All that apply: baseline and tf model ResNets.
+    return allowed if config.model == 'resnet' else allowed[:2]
+  what = tuple(what)
   unknown = set(what) - set(allowed) - {'micro'}
   if unknown:
     raise ValueError(f'--what: unknown {sorted(unknown)}; allowed '
                      f'{", ".join(allowed)}, micro, all.')
+  resnet_only = [w for w in what if w in ('baseline', 'tf')]
+  if resnet_only and config.model != 'resnet':
+    raise ValueError(f'--what={",".join(resnet_only)} does not apply: the '
+                     'hand-written baseline and the TensorFlow reference '
+                     f'step model ResNets only, config.model is '
+                     f'{config.model!r} (use --what=train,input).')
+  return what
+
+
+def run(config, *, what=('train', 'input'), steps=5, warmup=1,
+        peak_tflops=None, input_seconds=10.0, micro_batch_sizes=()):
+  """Runs the requested benches; returns {'train': {...}, 'input': ..., ...}."""
+  what = benches(config, what)
   results = {}
   if 'micro' in what:
     from simclr_jax.tools import bench_micro_batch  # pylint: disable=g-import-not-at-top
@@ -388,6 +422,11 @@ def weak_scaling(argv, device_counts, per_device_batch):
 
 def main(argv):
   config = FLAGS.config
+  try:
+    benches(config, FLAGS.what)
+  except ValueError as e:
+    print(f'simclr_jax.bench: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
   if FLAGS.weak_scaling:
     per_device = config.train_batch_size // jax.device_count()
     weak_scaling(sys.argv, [int(c) for c in FLAGS.weak_scaling], per_device)
@@ -395,7 +434,7 @@ def main(argv):
   print(f'simclr_jax.bench: {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, global batch '
         f'{config.train_batch_size}, {config.image_size} px, '
-        f'ResNet-{config.resnet_depth}, {config.dtype}', flush=True)
+        f'{model_name(config)}, {config.dtype}', flush=True)
   results = run(config, what=FLAGS.what, steps=FLAGS.steps,
                 warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
                 input_seconds=FLAGS.input_seconds,

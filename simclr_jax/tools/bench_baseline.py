@@ -203,6 +203,9 @@ def make_step(arch, *, dtype, temperature, weight_decay, learning_rate,
 
 def from_config(config, num_classes, mesh=None):
   """(step, initial (params, stats, momenta)) for a pretrain config."""
+  if config.model != 'resnet':
+    raise ValueError(f'{__name__} models ResNets only; config.model is '
+                     f'{config.model!r}.')
   arch = architecture(config.resnet_depth, config.width_multiplier,
                       config.image_size <= 32, config.num_proj_layers,
                       config.proj_out_dim)

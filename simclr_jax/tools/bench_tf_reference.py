@@ -111,6 +111,9 @@ def make_step(arch, params, stats, *, temperature, weight_decay,
 
 def from_config(config, num_classes):
   """(step, variables) for a pretrain config, initial values as the baseline's."""
+  if config.model != 'resnet':
+    raise ValueError(f'{__name__} models ResNets only; config.model is '
+                     f'{config.model!r}.')
   import jax  # pylint: disable=g-import-not-at-top
   arch = baseline.architecture(config.resnet_depth, config.width_multiplier,
                                config.image_size <= 32, config.num_proj_layers,

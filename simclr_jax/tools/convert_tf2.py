@@ -37,6 +37,10 @@ is in that hidden directory.)
 Bad input (a missing or unreadable path, a checkpoint that is not the
 reference's model, an --out that may not be written) ends with one line on
 stderr, `convert_tf2: error: ...`, and exit code 2.
+
+ResNets only: the reference release has no Vision Transformer, so there is
+no ViT checkpoint to convert (a ViT starts from its own pretraining run
+here; preflight refuses a converted ResNet as a ViT's init_checkpoint).
 """
 import os
 import re

@@ -359,6 +359,46 @@ def test_projection_head_shapes(mode, num_layers, widths):
     assert 0.009 < std < 0.011
 
 
+def numpy_batch_norm(x, eps=1e-5):
+  x = np.asarray(x, np.float64)
+  return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+
+
+def test_projection_head_moco_v3_options():
+  """hidden_dim sets the middle layers' width; out_bn_scale=False leaves
+  the output BN with nothing affine (MoCo v3's BatchNorm1d(affine=False)):
+  z is the standardised last matmul (numpy, from the kernels)."""
+  head = heads.ProjectionHead('nonlinear', 3, out_dim=8, hidden_dim=24,
+                              out_bn_scale=False)
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(16, 12)), jnp.float32)
+  variables = head.init(jax.random.PRNGKey(0), h, train=False)
+  params = variables['params']
+  assert [params[f'layer_{j}']['dense']['kernel'].shape for j in range(3)] == [
+      (12, 24), (24, 24), (24, 8)]
+  assert 'bn' not in params['layer_2']  # No scale, no bias: no parameters.
+  assert set(variables['batch_stats']['layer_2']['bn']) == {'mean', 'var'}
+  (z, hiddens), _ = head.apply(variables, h, train=True,
+                               mutable=['batch_stats'])
+  x = np.asarray(hiddens[2], np.float64) @ np.asarray(
+      params['layer_2']['dense']['kernel'], np.float64)
+  np.testing.assert_allclose(z, numpy_batch_norm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_projection_head_without_batch_norm():
+  """use_bn=False (MoCo v3's BN-free ablation): relu(relu(h·W0)·W1)·W2."""
+  head = heads.ProjectionHead('nonlinear', 3, out_dim=8, hidden_dim=24,
+                              use_bn=False)
+  h = jnp.asarray(np.random.default_rng(1).normal(size=(4, 12)), jnp.float32)
+  variables = head.init(jax.random.PRNGKey(0), h, train=False)
+  assert 'batch_stats' not in variables
+  w = [np.asarray(variables['params'][f'layer_{j}']['dense']['kernel'],
+                  np.float64) for j in range(3)]
+  z, _ = head.apply(variables, h, train=True)
+  relu = lambda x: np.maximum(x, 0)
+  want = relu(relu(np.asarray(h, np.float64) @ w[0]) @ w[1]) @ w[2]
+  np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # SimCLRModel.
 

@@ -162,6 +162,37 @@ def test_frozen_patch_embedding_gets_zero_gradient(frozen):
   assert np.any(np.asarray(grads['block0']['mlp']['dense1']['kernel']) != 0)
 
 
+@pytest.mark.parametrize('after', [-1, 0, 1, 2])
+def test_fine_tune_after_block_stops_gradients_through_that_stage(after):
+  """Stage 0 is the embedding (patch projection, class token, learned
+  position embedding), stage k block k-1's parameters; the final LayerNorm
+  is frozen only with the last block (k = depth = 2)."""
+  model = vit.VisionTransformer(**TINY, fine_tune_after_block=after)
+  params = init(vit.VisionTransformer(**TINY), 16)['params']
+  grads = jax.jit(jax.grad(loss_fn(model, images(2, 16))))(params)
+  stages = {'patch_embedding': 0, 'class_token': 0, 'position_embedding': 0,
+            'block0': 1, 'block1': 2, 'final_norm': 2}
+  for name, stage in stages.items():
+    zero = all(np.all(np.asarray(g) == 0)
+               for g in jax.tree.leaves(grads[name]))
+    assert zero == (stage <= after), (name, after)
+
+
+def test_fine_tune_after_block_beyond_depth_raises():
+  model = vit.VisionTransformer(**TINY, fine_tune_after_block=3)
+  with pytest.raises(ValueError, match=r'not in \[-1, 2\]'):
+    variable_shapes(model, 16)
+
+
+def test_micro_variant_and_patch_4():
+  # big_vision's 'mu': width 32, 1 block, 2 heads, MLP 128.
+  assert vit.parse_vit_variant('mu/4') == dict(
+      hidden_size=32, depth=1, num_heads=2, patch_size=4)
+  model = vit.vit_from_variant('mu/4')
+  assert count(param_shapes(model, 8)) == vit_parameters_by_hand(
+      32, 1, 4, image=8)
+
+
 def test_optimizer_mask_leaves_frozen_patch_embedding_unchanged():
   # AdamW's decoupled weight decay would shrink the frozen kernel although
   # its gradient is zero; the mask takes it out of the optimizer.
