@@ -165,6 +165,7 @@ def main(argv):
       data = preflight.check_dataset(config)
       model = models.create_model(config, data.num_classes)
       preflight.check_init_checkpoint(config, workdir, model)
+      preflight.check_teacher_checkpoint(config, data.num_classes)
     except preflight.BadInput as e:
       _fail(str(e))
     logging.info('JAX %s, backend %s; process %d of %d; %d local / %d '

@@ -3,7 +3,8 @@ from simclr_jax.models.heads import ProjectionHead
 from simclr_jax.models.resnet import output_width
 from simclr_jax.models.resnet import ResNet
 from simclr_jax.models.simclr import create_model
+from simclr_jax.models.simclr import create_teacher_model
 from simclr_jax.models.simclr import SimCLRModel
 
 __all__ = ['ProjectionHead', 'ResNet', 'SimCLRModel', 'create_model',
-           'output_width']
+           'create_teacher_model', 'output_width']
