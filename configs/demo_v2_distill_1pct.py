@@ -30,6 +30,7 @@ def get_config():
   config.distill_temperature = 0.1
   config.distill_alpha = 1.0
   config.proj_head_mode = 'none'
+  config.train_steps = 200
   config.ft_proj_selector = 0
   config.lineareval_while_pretraining = False
   with config.unlocked():

@@ -130,6 +130,10 @@ CLI_CASES = [
      ['--config=' + DEMO, '--config.train_mode=linear_eval',
       '--config.init_checkpoint=/no/such/run'],
      ["config.init_checkpoint='/no/such/run'", 'no such path']),
+    ('missing_teacher_checkpoint',
+     ['--config=' + config_file('demo_v2_distill_1pct'),
+      '--config.teacher_checkpoint=/no/such/finetune'],
+     ["config.teacher_checkpoint='/no/such/finetune'", 'no such path']),
 ]
 
 
