@@ -17,7 +17,7 @@ import ml_collections
 
 from simclr_jax.data import augment_constants
 
-TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised')
+TRAIN_MODES = ('pretrain', 'linear_eval', 'finetune', 'supervised', 'distill')
 OPTIMIZERS = ('lars', 'momentum', 'adam', 'adamw')
 MODELS = ('resnet', 'vit')
 LEARNING_RATE_SCALINGS = ('linear', 'sqrt')
@@ -133,6 +133,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.lineareval_while_pretraining = True
   c.init_checkpoint = ''  # Pretraining workdir, checkpoint or exported backbone.
   c.zero_init_logits_layer = False
+  # SimCLRv2 memory buffer (pretrain): the K most recent projections of a
+  # momentum (EMA) copy of the network are extra negatives; 0 = off (v1).
+  c.memory_buffer_size = 0
+  c.memory_momentum = 0.999
+  # SimCLRv2 distillation (train_mode='distill'): a frozen fine-tuned teacher
+  # (its workdir or step directory) labels the unlabeled training images.
+  c.teacher_checkpoint = ''
+  c.distill_temperature = 0.1
+  # α of the paper's Eq. (3): the distillation term's weight; 1 = unlabeled
+  # images only, < 1 adds (1 − α)·cross-entropy on distill_labeled_split
+  # (of distill_labeled_dataset, '' = dataset).
+  c.distill_alpha = 1.0
+  c.distill_labeled_dataset = ''
+  c.distill_labeled_split = ''
+  # The teacher's architecture, checked against teacher_checkpoint's shapes;
+  # default: a SimCLRv2 ResNet-50 fine-tuned from projection layer 1.
+  c.teacher = ml_collections.ConfigDict(dict(
+      resnet_depth=50, width_multiplier=1, sk_ratio=0.0,
+      proj_head_mode='nonlinear', num_proj_layers=3, proj_out_dim=128,
+      ft_proj_selector=1))
   # Loop, checkpoints, logs.
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -233,7 +253,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.ft_proj_selector <= max(config.num_proj_layers, 0):
     _fail('ft_proj_selector', config.ft_proj_selector,
           f'must be in [0, num_proj_layers={config.num_proj_layers}]')
-  if (config.train_mode in ('pretrain', 'supervised')
+  if (config.train_mode in ('pretrain', 'supervised', 'distill')
       and config.fine_tune_after_block != -1):
     _fail('fine_tune_after_block', config.fine_tune_after_block,
           f"must be -1 with train_mode={config.train_mode!r} (freezing blocks "
@@ -263,6 +283,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('init_checkpoint', config.init_checkpoint,
             f'train_mode={config.train_mode!r} needs a pretraining workdir, '
             'checkpoint or exported backbone to start from')
+  _validate_memory_buffer(config)
+  if config.train_mode == 'distill':
+    _validate_distill(config)
+
+
+def _validate_memory_buffer(config) -> None:
+  _positive(config, 'memory_buffer_size', allow_zero=True)
+  if config.memory_buffer_size and config.train_mode != 'pretrain':
+    _fail('memory_buffer_size', config.memory_buffer_size,
+          f"the memory buffer is for train_mode='pretrain' (0 with "
+          f'{config.train_mode!r})')
+  if not 0 <= config.memory_momentum <= 1:
+    _fail('memory_momentum', config.memory_momentum, 'must be in [0, 1]')
+
+
+def _validate_distill(config) -> None:
+  if not config.teacher_checkpoint:
+    _fail('teacher_checkpoint', config.teacher_checkpoint,
+          "train_mode='distill' needs a fine-tuned run's workdir or "
+          'checkpoint step directory as the teacher')
+  if not config.distill_temperature > 0:
+    _fail('distill_temperature', config.distill_temperature, 'must be > 0')
+  if not 0 <= config.distill_alpha <= 1:
+    _fail('distill_alpha', config.distill_alpha,
+          'must be in [0, 1] (1: distillation on unlabeled images only)')
+  if config.distill_alpha < 1 and not config.distill_labeled_split:
+    _fail('distill_labeled_split', config.distill_labeled_split,
+          f'distill_alpha={config.distill_alpha} < 1 weighs a labeled '
+          "cross-entropy and needs its split (e.g. 'train[:1%]')")
+  teacher = config.teacher
+  for key, allowed in (('resnet_depth', RESNET_DEPTHS),
+                       ('proj_head_mode', PROJ_HEAD_MODES)):
+    if teacher[key] not in allowed:
+      _fail(f'teacher.{key}', teacher[key],
+            'expected one of ' + ', '.join(map(repr, allowed)))
+  if teacher.width_multiplier <= 0:
+    _fail('teacher.width_multiplier', teacher.width_multiplier, 'must be > 0')
+  if teacher.sk_ratio < 0:
+    _fail('teacher.sk_ratio', teacher.sk_ratio, 'must be >= 0')
+  if not 0 <= teacher.ft_proj_selector <= max(teacher.num_proj_layers, 0):
+    _fail('teacher.ft_proj_selector', teacher.ft_proj_selector,
+          f'must be in [0, teacher.num_proj_layers='
+          f'{teacher.num_proj_layers}]')
 
 
 def _check_backbone_keys(config) -> None:

@@ -84,11 +84,14 @@ def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
       (color_augment='device'; the views' keys come in `batch['augment_key']`).
 
   Returns:
-    `gradients(state, batch, rng) -> (grads, (metrics, batch_stats))`, what
-    `jax.grad(loss_fn, has_aux=True)` gives in the plain step: the metrics
-    have the same names and the new BatchNorm statistics come back with them.
+    `gradients(state, batch, rng, *loss_args) -> (grads, (metrics,
+    batch_stats))`, what `jax.grad(loss_fn, has_aux=True)` gives in the plain
+    step: the metrics have the same names and the new BatchNorm statistics
+    come back with them.
     `batch`: image [N, 2, H, W, 3], label [N] (and augment_key [N, 2, 2]),
-    global arrays sharded over 'data'.
+    global arrays sharded over 'data'. `loss_args` follow z into
+    `contrastive_loss` (with SimCLRv2's memory buffer: its queue and mask,
+    negatives that carry no gradient).
   """
   micro = config.micro_batch_size
   head_metrics = (('supervised_loss', 'supervised_acc')
@@ -173,10 +176,10 @@ def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
                            in_specs=(whole, whole, rows, rows, whole),
                            out_specs=whole)
 
-  def gradients(state, batch, rng):
+  def gradients(state, batch, rng, *loss_args):
     z, batch_stats = project(state.params, state.batch_stats, batch, rng)
     (con_loss, con_metrics), dz = jax.value_and_grad(
-        contrastive_loss, has_aux=True)(z)
+        contrastive_loss, has_aux=True)(z, *loss_args)
     grads, sums = backprop(state.params, state.batch_stats, batch, dz, rng)
     metrics = dict(contrastive_loss=con_loss, **con_metrics, **sums)
     loss = con_loss

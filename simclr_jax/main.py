@@ -217,6 +217,7 @@ def _check_train_report(config, workdir: str) -> None:
       model = models.create_model(config, data.num_classes)
       preflight.check_init_checkpoint(config, workdir, model)
       preflight.check_resume(config, workdir, data, model)
+      preflight.check_teacher_checkpoint(config, data.num_classes)
     except preflight.BadInput as e:
       _fail(str(e))
     logging.info('JAX %s, backend %s; process %d of %d; %d local / %d '

@@ -16,6 +16,9 @@ it as `simclr_jax: error: ...` and exits with code 2):
   check_step_memory the compiled train step fits the device's memory (run
                     by train.py right after it compiles the step, before
                     the first step).
+  check_teacher_checkpoint  distill's `teacher_checkpoint` is a fine-tuned
+                    classifier of the dataset's classes that fits
+                    `config.teacher` (shapes only).
 Workdir and init_checkpoint may be URLs (gs://bucket/run): they are checked
 through TensorFlow's filesystems, the workdir by writing and deleting a probe.
 """
@@ -51,10 +54,10 @@ def check_config(config) -> None:
     evaluators_common.evaluator_entries(config)
   except ValueError as e:
     raise BadInput(one_line(e)) from None
-  if config.init_checkpoint and not files.is_remote(
-      config.init_checkpoint) and not os.path.exists(config.init_checkpoint):
-    raise BadInput(f'config.init_checkpoint={config.init_checkpoint!r} is '
-                   'invalid: no such path.')
+  for key in ('init_checkpoint', 'teacher_checkpoint'):
+    path = config[key]
+    if path and not files.is_remote(path) and not os.path.exists(path):
+      raise BadInput(f'config.{key}={path!r} is invalid: no such path.')
 
 
 def check_devices(config) -> None:
@@ -281,13 +284,40 @@ def check_step_memory(compiled, device=None) -> None:
                    "'bfloat16', or config.remat=True.")
 
 
-def _check_remote_path(path: str) -> None:
+def _check_remote_path(path: str, key: str = 'init_checkpoint') -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     exists = tf.io.gfile.exists(path)
   except Exception as e:  # pylint: disable=broad-except
-    raise BadInput(f'config.init_checkpoint={path!r} cannot be read: '
+    raise BadInput(f'config.{key}={path!r} cannot be read: '
                    f'{type(e).__name__}: {one_line(e)}') from None
   if not exists:
-    raise BadInput(f'config.init_checkpoint={path!r} is invalid: no such '
-                   'path.')
+    raise BadInput(f'config.{key}={path!r} is invalid: no such path.')
+
+
+def check_teacher_checkpoint(config, num_classes: int) -> None:
+  """train_mode='distill': teacher_checkpoint is readable, its classifier
+  has `num_classes` outputs and its shapes fit `config.teacher`.
+
+  Checked at every start, resumed or not: the teacher is read again each
+  time (it is not part of the student's checkpoints).
+  """
+  if config.train_mode != 'distill':
+    return
+  from simclr_jax import distill  # pylint: disable=g-import-not-at-top
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  from simclr_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config.teacher_checkpoint
+  if files.is_remote(path):
+    _check_remote_path(path, key='teacher_checkpoint')
+  try:
+    shapes = checkpoint.pretrained_shapes(path)
+  except (OSError, ValueError) as e:
+    raise BadInput(f'config.teacher_checkpoint={path!r} cannot be read: '
+                   f'{one_line(e)}') from None
+  try:
+    distill.check_teacher(config, models.create_teacher_model(
+        config, num_classes), num_classes, shapes)
+  except ValueError as e:
+    raise BadInput(f'config.teacher_checkpoint={path!r} does not fit the '
+                   f'teacher (config.teacher): {one_line(e)}') from None

@@ -25,6 +25,7 @@ from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
+from flax import struct
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,11 @@ import numpy as np
 import optax
 
 from simclr_jax import config as config_lib
+from simclr_jax import distill
 from simclr_jax import evaluators
 from simclr_jax import grad_cache
 from simclr_jax import losses
+from simclr_jax import memory as memory_lib
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import preflight
@@ -50,9 +53,17 @@ from simclr_jax.runtime import save_watch
 
 
 class TrainState(train_state.TrainState):
-  """flax TrainState plus BatchNorm statistics and the run's base RNG key."""
+  """flax TrainState plus BatchNorm statistics and the run's base RNG key.
+
+  memory: SimCLRv2's memory buffer (memory.py) when
+    config.memory_buffer_size > 0, else {}; checkpointed.
+  teacher: the frozen teacher's variables in train_mode='distill'
+    (distill.py), else {}; read from teacher_checkpoint, not checkpointed.
+  """
   batch_stats: Any
   rng: jax.Array
+  memory: Any = struct.field(default_factory=dict)
+  teacher: Any = struct.field(default_factory=dict)
 
 
 class Result(NamedTuple):
@@ -69,11 +80,12 @@ def create_train_state(config, model, tx, rng) -> TrainState:
   """Initialises variables (on a dummy batch) and the optimizer state."""
   init_rng, state_rng = jax.random.split(rng)
   size = config.image_size
-  variables = model.init(init_rng, jnp.zeros((2, size, size, 3), jnp.float32),
-                         train=False)
+  dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+  variables = model.init(init_rng, dummy, train=False)
   state = TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
-      batch_stats=variables.get('batch_stats', {}), rng=state_rng)
+      batch_stats=variables.get('batch_stats', {}), rng=state_rng,
+      memory=memory_lib.init_memory(config, model.apply, variables, dummy))
   # A strongly typed int32 step: the same type after restore and after +1.
   return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -101,10 +113,11 @@ def load_init_checkpoint(state: TrainState, config, mesh) -> TrainState:
   # sit on one device, and the compiled step would have to move it).
   params = sharding.replicate(params, mesh)
   replicated = sharding.replicated_sharding(mesh)
-  return state.replace(params=params,
-                       batch_stats=sharding.replicate(batch_stats, mesh),
-                       opt_state=jax.jit(state.tx.init,
-                                         out_shardings=replicated)(params))
+  batch_stats = sharding.replicate(batch_stats, mesh)
+  return state.replace(
+      params=params, batch_stats=batch_stats,
+      memory=memory_lib.restart(state.memory, params, batch_stats),
+      opt_state=jax.jit(state.tx.init, out_shardings=replicated)(params))
 
 
 # ----------------------------------------------------------------------------
@@ -115,17 +128,23 @@ def make_contrastive_loss(config, mesh) -> Callable:
 
   Inside `shard_map` every device sees its n = N / D images; `nt_xent_loss`
   gathers the other devices' projections over 'data' and returns the mean
-  over local anchors, so `pmean` gives the global mean.
+  over local anchors, so `pmean` gives the global mean. With the memory
+  buffer, `(z, queue [K, d], mask [K])`: the queue is replicated, so each
+  device holds its [n, 2N + K] logits only.
   """
-  def local(z):
+  def local(z, *memory):
+    queue, mask = memory or (None, None)
     loss, logits_ab, labels = losses.nt_xent_loss(
         z[:, 0], z[:, 1], temperature=config.temperature,
-        hidden_norm=config.hidden_norm, axis_name=sharding.DATA_AXIS)
+        hidden_norm=config.hidden_norm, axis_name=sharding.DATA_AXIS,
+        memory=queue, memory_mask=mask)
     metrics = losses.contrastive_metrics(logits_ab, labels)
     return jax.lax.pmean((loss, metrics), sharding.DATA_AXIS)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=P(sharding.DATA_AXIS),
-                       out_specs=P())
+  in_specs = P(sharding.DATA_AXIS)
+  if config.memory_buffer_size:
+    in_specs = (P(sharding.DATA_AXIS), P(), P())
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P())
 
 
 def distort_on_device(images, keys, config):
@@ -135,18 +154,23 @@ def distort_on_device(images, keys, config):
       impl=config.augmentation_impl, blur=config.use_blur)
 
 
-def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
+def make_train_step(model, config, learning_rate_fn, mesh,
+                    teacher_model=None) -> Callable:
   """The jitted update: (state, global batch) -> (state, metrics).
 
   pretrain batch: image [N, 2, H, W, 3], label [N] (and augment_key
   [N, 2, 2] with color_augment='device': the step applies the colour jitter,
-  grayscale and blur itself); other modes: image [N, H, W, 3]. The state
-  buffers are donated (updated in place). With config.micro_batch_size the
-  gradient is the gradient cache's (grad_cache.py): the same loss over the
-  global batch, computed m images per device at a time, BatchNorm
-  statistics per micro-batch.
+  grayscale and blur itself); other modes: image [N, H, W, 3]; distill with
+  distill_alpha < 1 also labeled_image [N, H, W, 3] and labeled_label [N].
+  The state buffers are donated (updated in place). distill needs
+  `teacher_model` and the teacher's variables in `state.teacher`. With
+  config.micro_batch_size the gradient is the gradient cache's
+  (grad_cache.py): the same loss over the global batch, computed m images
+  per device at a time, BatchNorm statistics per micro-batch.
   """
   pretrain = config.train_mode == 'pretrain'
+  distilling = config.train_mode == 'distill'
+  with_memory = pretrain and config.memory_buffer_size > 0
   contrastive_loss = make_contrastive_loss(config, mesh)
   color_on_device = pretrain and config.color_augment == 'device'
   if config.micro_batch_size:  # The gradient cache (grad_cache.py).
@@ -166,6 +190,15 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
       n = images.shape[0]
       images = images.reshape((2 * n,) + images.shape[2:])
       labels = jnp.repeat(labels, 2)
+    memory_args = ()
+    if with_memory:  # Keys and queue from before this update, as MoCo.
+      keys = memory_lib.momentum_keys(
+          model.apply, state.memory, images, hidden_norm=config.hidden_norm,
+          rngs={'dropout': step_rng})
+      memory_args = memory_lib.loss_args(state.memory)
+    if distilling:
+      images, teacher = distill.student_images_and_teacher_logits(
+          teacher_model, state.teacher, batch)
 
     def loss_fn(params):
       outputs, new_vars = model.apply(
@@ -174,10 +207,15 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
       loss, metrics = 0.0, {}
       if pretrain:
         con_loss, con_metrics = contrastive_loss(
-            outputs['projection'].reshape(n, 2, -1))
+            outputs['projection'].reshape(n, 2, -1), *memory_args)
         loss += con_loss
         metrics.update(contrastive_loss=con_loss, **con_metrics)
-      if 'logits' in outputs:
+      if distilling:
+        loss, distill_metrics = distill.objective(outputs['logits'], teacher,
+                                                  batch, config)
+        metrics.update(distill_metrics)
+        loss += optim.supervised_head_l2(params, config.weight_decay)
+      elif 'logits' in outputs:
         # Linear head on both views (pretrain) or the classifier (others).
         logits = outputs['logits']
         sup_loss = losses.softmax_cross_entropy(logits, labels)
@@ -191,11 +229,16 @@ def make_train_step(model, config, learning_rate_fn, mesh) -> Callable:
 
     if config.micro_batch_size:
       grads, (metrics, batch_stats) = micro_batch_gradients(
-          state, batch, step_rng)
+          state, batch, step_rng, *memory_args)
     else:
       grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
           state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if with_memory:
+      new_state = new_state.replace(memory=memory_lib.advance(
+          state.memory, {'params': new_state.params,
+                         'batch_stats': new_state.batch_stats},
+          keys, config.memory_momentum))
     metrics.update(learning_rate=learning_rate_fn(state.step),
                    weight_norm=optax.global_norm(state.params),
                    grad_norm=optax.global_norm(grads))
@@ -354,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     preflight.check_config(config)
     preflight.check_devices(config)
     data = preflight.check_dataset(config)
+    preflight.check_teacher_checkpoint(config, data.num_classes)
   model = model or models.create_model(config, data.num_classes)
   if not checked:
     preflight.check_resume(config, workdir, data, model)
@@ -380,6 +424,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state, start_step = checkpoint.restore_latest(manager, state)
   if start_step == 0 and config.init_checkpoint:
     state = load_init_checkpoint(state, config, mesh)
+  teacher_model = None
+  if config.train_mode == 'distill':  # Frozen: read again at every start.
+    teacher_model = models.create_teacher_model(config, data.num_classes)
+    state = state.replace(
+        teacher=distill.load_teacher(config, teacher_model, mesh))
   parameter_overview.log_parameter_overview(
       state.params, msg='Parameters', jax_logging_process=0)
 
@@ -387,7 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batches = data.train_batches(start_step)
   batch = next(batches)
   compile_start = time.perf_counter()
-  train_step = make_train_step(model, config, learning_rate_fn, mesh).lower(
+  train_step = make_train_step(model, config, learning_rate_fn, mesh,
+                               teacher_model).lower(
       state, sharding.host_batch_to_global(batch, mesh)).compile()
   compile_time = time.perf_counter() - compile_start
   preflight.check_step_memory(train_step)  # Before the first step.

@@ -43,7 +43,9 @@ def test_the_issue_configs_exist():
   assert {'r50_4096', 'r50_2x_sk1', 'cifar10_r50', 'cifar10_r18',
           'imagenet_linear_eval', 'imagenet_finetune_1pct',
           'imagenet_finetune_10pct', 'r50_supervised', 'demo',
-          'vit_s16_simclr', 'vit_b16_simclr', 'demo_vit'} <= names
+          'vit_s16_simclr', 'vit_b16_simclr', 'demo_vit',
+          'imagenet_distill_1pct', 'imagenet_distill_10pct',
+          'imagenet_distill_big_to_small'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
@@ -56,6 +58,9 @@ def test_config_loads_validates_and_builds(path):
     if config.train_mode in ('linear_eval', 'finetune'):
       assert config.init_checkpoint == ''  # Given on the command line.
       config.init_checkpoint = '/pretrain/workdir'
+    if config.train_mode == 'distill':
+      assert config.teacher_checkpoint == ''  # Given on the command line.
+      config.teacher_checkpoint = '/finetune/workdir'
   config_lib.validate(config)
   config_lib.validate_for_devices(config, device_count=8, process_count=1)
   num_examples, num_classes = DATASETS[config.dataset]
@@ -100,7 +105,20 @@ PAPER_VALUES = {
         resnet_depth=50, width_multiplier=2, sk_ratio=0.0625,
         num_proj_layers=3, ft_proj_selector=1, optimizer='lars',
         learning_rate=0.1, learning_rate_scaling='sqrt', weight_decay=1e-4,
-        train_batch_size=4096, train_epochs=800, temperature=0.1),
+        train_batch_size=4096, train_epochs=800, temperature=0.1,
+        memory_buffer_size=65536, memory_momentum=0.999),
+    'imagenet_distill_1pct': dict(  # SimCLRv2 §2, §3.
+        train_mode='distill', dataset='imagenet2012', train_split='train',
+        distill_temperature=0.1, distill_alpha=1.0, train_epochs=400,
+        optimizer='lars', momentum=0.9, proj_head_mode='none',
+        ft_proj_selector=0, resnet_depth=50, width_multiplier=1,
+        distill_labeled_dataset='imagenet2012_subset/1pct'),
+    'imagenet_distill_10pct': dict(
+        train_mode='distill', distill_temperature=0.1, train_epochs=400,
+        distill_labeled_dataset='imagenet2012_subset/10pct'),
+    'imagenet_distill_big_to_small': dict(  # SimCLRv2 §3, Table 3.
+        train_mode='distill', distill_temperature=1.0, train_epochs=400,
+        resnet_depth=50, width_multiplier=1, sk_ratio=0.0),
     'cifar10_r50': dict(  # SimCLR v1 B.9 ("the rest as ImageNet").
         resnet_depth=50, image_size=32, num_proj_layers=2,
         train_batch_size=1024, temperature=0.5, color_jitter_strength=0.5,
@@ -158,6 +176,20 @@ def test_config_has_the_values_of_the_paper_it_cites(name):
   assert got == PAPER_VALUES[name]
 
 
+def test_distill_teachers_are_the_papers():
+  """Self-distillation: the student's ResNet under a fine-tuned 3-layer
+  head; big-to-small: the ResNet-152 3x SK teacher of Table 3."""
+  for name in ('imagenet_distill_1pct', 'imagenet_distill_10pct'):
+    teacher = load(os.path.join(CONFIG_DIR, f'{name}.py')).teacher
+    assert (teacher.resnet_depth, teacher.width_multiplier, teacher.sk_ratio,
+            teacher.num_proj_layers, teacher.ft_proj_selector) == (
+                50, 1, 0.0, 3, 1)
+  teacher = load(os.path.join(CONFIG_DIR,
+                              'imagenet_distill_big_to_small.py')).teacher
+  assert (teacher.resnet_depth, teacher.width_multiplier,
+          teacher.sk_ratio) == (152, 3, 0.0625)
+
+
 def _base(name='demo'):
   config = load(os.path.join(CONFIG_DIR, f'{name}.py'))
   return config
@@ -178,7 +210,51 @@ BAD = [
     ('learning_rate', 0.0, 'must be > 0'),
     ('momentum', 1.0, 'must be in [0, 1)'),
     ('checkpoint_every_steps', 0, 'must be > 0'),
+    ('memory_buffer_size', -1, 'must be >= 0'),
+    ('memory_momentum', 1.5, 'must be in [0, 1]'),
 ]
+
+
+# Distillation: each key on a distill config that is otherwise valid.
+BAD_DISTILL = [
+    ('teacher_checkpoint', '', 'needs a fine-tuned run'),
+    ('distill_temperature', 0.0, 'must be > 0'),
+    ('distill_alpha', 1.5, 'must be in [0, 1]'),
+    ('distill_labeled_split', '', "distill_alpha=0.5 < 1"),
+    ('memory_buffer_size', 64, "train_mode='pretrain'"),
+    ('fine_tune_after_block', 2, "train_mode='distill'"),
+]
+
+
+@pytest.mark.parametrize('key,value,expected', BAD_DISTILL,
+                         ids=[f'{k}={v}' for k, v, _ in BAD_DISTILL])
+def test_bad_distill_config_is_one_line_naming_key_and_value(key, value,
+                                                             expected):
+  config = _base()
+  with config.unlocked():
+    config.update(train_mode='distill', teacher_checkpoint='/teacher',
+                  distill_alpha=0.5 if key == 'distill_labeled_split' else 1.0)
+    config[key] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(f'config.{key}={value!r} is invalid')
+  assert expected in message
+
+
+def test_bad_teacher_architecture_is_named():
+  config = _base()
+  with config.unlocked():
+    config.update(train_mode='distill', teacher_checkpoint='/teacher')
+  config_lib.validate(config)
+  for key, value in (('resnet_depth', 20), ('proj_head_mode', 'mlp'),
+                     ('ft_proj_selector', 4), ('width_multiplier', 0)):
+    bad = config.copy_and_resolve_references()
+    bad.teacher[key] = value
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf'^config.teacher.{key}={value!r} is invalid'):
+      config_lib.validate(bad)
 
 
 @pytest.mark.parametrize('key,value,expected', BAD,

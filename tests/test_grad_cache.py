@@ -137,10 +137,12 @@ def grad_cache_gradients(model, config, mesh):
   return jax.jit(lambda state, batch: gradients(state, batch, state.rng))
 
 
-def test_micro_batched_step_equals_the_plain_step():
+@pytest.mark.parametrize('memory', [0, 32], ids=['no_memory', 'memory_32'])
+def test_micro_batched_step_equals_the_plain_step(memory):
   """Through train.make_train_step on 8 devices, with the colour jitter in
   the step (per micro-batch): the same metrics and the same updated
-  parameters (LARS, momentum) after two steps."""
+  parameters (LARS, momentum) after two steps. With SimCLRv2's memory
+  buffer, the second step's negatives include the first step's 32 keys."""
   color_augment = 'device'
   model = ConvNet(bn_train=False)
   mesh = sharding.create_mesh()
@@ -148,7 +150,8 @@ def test_micro_batched_step_equals_the_plain_step():
              for i in range(2)]
   results = {}
   for micro in (0, 1):
-    config = tiny_config(micro_batch_size=micro, color_augment=color_augment)
+    config = tiny_config(micro_batch_size=micro, color_augment=color_augment,
+                         memory_buffer_size=memory, memory_momentum=0.9)
     state, lr_fn = initial_state(config, model)
     state = sharding.replicate(state, mesh)
     step = train.make_train_step(model, config, lr_fn, mesh)
@@ -163,6 +166,9 @@ def test_micro_batched_step_equals_the_plain_step():
                                rtol=2e-5, atol=1e-6, err_msg=key)
   assert_trees_close(micro.params, plain.params, rtol=2e-5, atol=1e-6)
   assert_trees_close(micro.opt_state, plain.opt_state, rtol=2e-5, atol=1e-6)
+  assert_trees_close(micro.memory, plain.memory, rtol=2e-5, atol=1e-6)
+  if memory:
+    assert int(micro.memory['count']) == memory
 
 
 # ----------------------------------------------------------------------------

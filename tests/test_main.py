@@ -140,6 +140,10 @@ CLI_CASES = [
      ['--config=' + config_file('vit_s16_simclr'), '--config.sk_ratio=0.0625'],
      ["config.sk_ratio=0.0625 is invalid: it configures the other backbone "
       "(config.model='vit')"]),
+    ('missing_teacher_checkpoint',
+     ['--config=' + config_file('demo_v2_distill_1pct'),
+      '--config.teacher_checkpoint=/no/such/finetune'],
+     ["config.teacher_checkpoint='/no/such/finetune'", 'no such path']),
 ]
 
 

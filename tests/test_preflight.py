@@ -357,3 +357,51 @@ def test_init_checkpoint_of_the_other_backbone_is_named(tmp_path):
       r"holds a 'vit' backbone but config.model='resnet'")):
     preflight.check_init_checkpoint(linear, empty,
                                     models.create_model(linear, 10))
+
+
+def _distill_config(teacher_checkpoint):
+  """The demo's data and ResNet as a distillation student; the teacher the
+  same ResNet fine-tuned from layer 1 of the demo's projection head."""
+  demo = _demo_config()
+  return _demo_config(
+      train_mode='distill', teacher_checkpoint=teacher_checkpoint,
+      proj_head_mode='none', ft_proj_selector=0, teacher=dict(
+          resnet_depth=demo.resnet_depth, width_multiplier=1, sk_ratio=0.0,
+          proj_head_mode='nonlinear', num_proj_layers=demo.num_proj_layers,
+          proj_out_dim=demo.proj_out_dim, ft_proj_selector=1))
+
+
+def test_teacher_checkpoint_is_checked_before_compiling(tmp_path):
+  config = _distill_config(str(tmp_path / 'good'))
+  size = config.image_size
+
+  def teacher_shapes(num_classes):
+    model = models.create_teacher_model(config, num_classes)
+    return jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=False))
+
+  bad = 'projection_head/layer_0/dense/kernel'
+  _save_variables(str(tmp_path / 'good'), teacher_shapes(10))
+  _save_variables(str(tmp_path / 'bad'), teacher_shapes(10),
+                  bad_path='params/' + bad)
+  _save_variables(str(tmp_path / 'seven'), teacher_shapes(7))
+  _save_variables(str(tmp_path / 'pretrained'),
+                  _abstract_variables(_demo_config(
+                      lineareval_while_pretraining=False)))
+  preflight.check_teacher_checkpoint(config, 10)
+  for name, fragments in (
+      ('seven', "its classifier has 7 classes but config.dataset="
+                "'mnist_offline' has 10"),
+      ('pretrained', 'it has no supervised_head'),
+      ('bad', f"params path '{bad}' has shape"),
+      ('', 'no Orbax checkpoint')):
+    config.teacher_checkpoint = str(tmp_path / name)
+    with pytest.raises(preflight.BadInput) as error:
+      preflight.check_teacher_checkpoint(config, 10)
+    message = str(error.value)
+    assert message.startswith(
+        f'config.teacher_checkpoint={config.teacher_checkpoint!r}')
+    assert fragments in message and '\n' not in message
+  config.teacher_checkpoint = str(tmp_path / 'missing')
+  with pytest.raises(preflight.BadInput, match='no such path'):
+    preflight.check_config(config)

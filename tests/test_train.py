@@ -50,10 +50,15 @@ def tree_hashes(path):
 # ----------------------------------------------------------------------------
 # The sharded step equals the single-device step on the same global batch.
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize('color_augment', ['host', 'device'])
+# The device-colour case also runs SimCLRv2's memory buffer (K = 40: the
+# ring wraps at the second step's 32 keys).
+@pytest.mark.parametrize('color_augment,memory_buffer_size',
+                         [('host', 0), ('device', 40)])
 def test_pretrain_step_on_8_devices_equals_1_device(color_augment,
+                                                   memory_buffer_size,
                                                    tiny_config):
-  config = tiny_config('pretrain', color_augment=color_augment)
+  config = tiny_config('pretrain', color_augment=color_augment,
+                       memory_buffer_size=memory_buffer_size)
   model = models.create_model(config, NUM_CLASSES)
   lr_fn = optim.create_learning_rate_schedule(config, NUM_TRAIN)
   tx = optim.create_optimizer(config, lr_fn)
@@ -96,6 +101,9 @@ def test_pretrain_step_on_8_devices_equals_1_device(color_augment,
                state8.batch_stats, state1.batch_stats)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
                                  atol=1e-6), state8.params, state1.params)
+  # The momentum network and the queue of the memory buffer, if any.
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6), state8.memory, state1.memory)
   assert not leaves_equal(state1.params, host_state.params)
   assert int(state8.step) == 2
 
@@ -256,7 +264,8 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_exact(tiny_config,
   # the other end-to-end runs here use the host path): its draws come with
   # the batch, so the resumed run redraws exactly the same views.
   config = tiny_config('pretrain', checkpoint_every_steps=4,
-                       keep_checkpoints=5, color_augment='device')
+                       keep_checkpoints=5, color_augment='device',
+                       memory_buffer_size=40)
   data = pipeline.create_data(config)
   with jax.transfer_guard('disallow'):
     straight = train.train_and_evaluate(config, str(tmp_path / 'straight'),
@@ -271,6 +280,9 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_exact(tiny_config,
   assert checkpoint.checkpoint_steps(stopped_dir) == (3,)  # Not a multiple of 4.
   resumed = train.train_and_evaluate(config, stopped_dir, data=data)
   assert int(resumed.state.step) == 4 and not resumed.preempted
-  for field in ('params', 'batch_stats', 'opt_state', 'rng'):
+  # With SimCLRv2's memory buffer: its momentum network, queue, pointer
+  # and fill count resume too.
+  assert int(resumed.state.memory['count']) == 40
+  for field in ('params', 'batch_stats', 'opt_state', 'rng', 'memory'):
     assert leaves_equal(getattr(resumed.state, field),
                         getattr(straight.state, field)), field

@@ -414,6 +414,10 @@ def create_data(config) -> Data:
   train_size = num_examples(config, config.train_split)
   if config.eval_split:
     num_examples(config, config.eval_split)
+  train_batches = lambda start_step: create_train_iterator(
+      config, seed=config.seed, start_step=start_step)
+  if config.train_mode == 'distill' and config.distill_alpha < 1:
+    train_batches = _with_labeled_batches(config, train_batches)
 
   def eval_batches(split):
     split_config = config.copy_and_resolve_references()
@@ -423,6 +427,25 @@ def create_data(config) -> Data:
 
   return Data(
       num_train_examples=train_size, num_classes=num_classes(config),
-      train_batches=lambda start_step: create_train_iterator(
-          config, seed=config.seed, start_step=start_step),
-      eval_batches=eval_batches)
+      train_batches=train_batches, eval_batches=eval_batches)
+
+
+def _with_labeled_batches(config, train_batches):
+  """SimCLRv2's Eq. (3): each distillation batch also carries a batch of
+  the labeled split (crop + flip), labeled_image and labeled_label, of the
+  same size and drawn by the same (seed, step) rule, so resuming is exact."""
+  labeled = config.copy_and_resolve_references()
+  with labeled.unlocked():
+    labeled.dataset = config.distill_labeled_dataset or config.dataset
+    labeled.train_split = config.distill_labeled_split
+    labeled.train_mode = 'finetune'  # The crop + flip path.
+  num_examples(labeled, labeled.train_split)  # Known and prepared.
+
+  def with_labeled(start_step):
+    pairs = zip(train_batches(start_step), create_train_iterator(
+        labeled, seed=config.seed, start_step=start_step))
+    for batch, extra in pairs:
+      yield {**batch, 'labeled_image': extra['image'],
+             'labeled_label': extra['label']}
+
+  return with_labeled

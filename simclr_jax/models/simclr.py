@@ -12,6 +12,9 @@ ft_proj_selector]` (`tf2/model.py` `Model.__call__`), per train_mode:
 - finetune: gradients flow into the network except for the blocks frozen by
   `fine_tune_after_block`.
 - supervised: a classifier on h, everything trained.
+- distill: as finetune with nothing frozen (SimCLRv2's student; with
+  ft_proj_selector 0 and no projection head, the paper's "same architecture
+  as the teacher, excluding the projection head").
 
 The backbone is `config.model`'s, its parameters under that name: a ResNet
 (`resnet`) or a Vision Transformer (`vit`; h is the class token or the mean
@@ -131,7 +134,7 @@ class SimCLRModel(nn.Module):
     if self.has_supervised_head():
       if self.train_mode == 'supervised':
         head_input = h
-      elif self.train_mode == 'finetune':
+      elif self.train_mode in ('finetune', 'distill'):
         head_input = hiddens[self.ft_proj_selector]
       else:  # pretrain with linear eval, or linear_eval: frozen features.
         head_input = jax.lax.stop_gradient(hiddens[self.ft_proj_selector])
@@ -183,3 +186,23 @@ def representation_width(config) -> int:
   if config.model == 'vit':
     return vit.parse_vit_variant(config.vit_variant)['hidden_size']
   return output_width(config.resnet_depth, config.width_multiplier)
+
+
+def create_teacher_model(config, num_classes: int) -> SimCLRModel:
+  """The frozen teacher of train_mode='distill': `config.teacher`'s
+  architecture as a fine-tuned classifier (run with train=False)."""
+  teacher = config.teacher
+  return SimCLRModel(
+      resnet_depth=teacher.resnet_depth,
+      width_multiplier=teacher.width_multiplier,
+      sk_ratio=teacher.sk_ratio,
+      cifar_stem=config.image_size <= 32,
+      proj_head_mode=teacher.proj_head_mode,
+      num_proj_layers=teacher.num_proj_layers,
+      proj_out_dim=teacher.proj_out_dim,
+      ft_proj_selector=teacher.ft_proj_selector,
+      num_classes=num_classes,
+      train_mode='finetune',
+      lineareval_while_pretraining=False,
+      dtype=jnp.dtype(config.dtype),
+  )

@@ -6,6 +6,8 @@ Layout under a run's workdir:
       `checkpoint_every_steps`, newest `keep_checkpoints` kept):
       {'step': int32 [], 'params': ..., 'batch_stats': ...,
        'opt_state': ..., 'rng': uint32 [2]}
+      plus 'memory': {'params', 'batch_stats', 'queue', 'pointer',
+      'count'} with SimCLRv2's memory buffer (memory.py);
   workdir/backbone/...                   exported parameters alone, for use
       elsewhere: {'params': ..., 'batch_stats': ...} without the heads;
       a later export replaces it, but nothing else is written over.
@@ -67,8 +69,15 @@ def create_manager(workdir: str, *, keep: int,
 
 
 def state_to_tree(state) -> Dict[str, Any]:
-  """The saved items of a TrainState (a plain dict: a stable on-disk layout)."""
-  return {k: getattr(state, k) for k in STATE_KEYS}
+  """The saved items of a TrainState (a plain dict: a stable on-disk layout).
+
+  The memory buffer only when on, so runs without it keep the v1 layout. A
+  distillation teacher is never saved: it is read from its own checkpoint.
+  """
+  tree = {k: getattr(state, k) for k in STATE_KEYS}
+  if getattr(state, 'memory', None):
+    tree['memory'] = state.memory
+  return tree
 
 
 def save(manager: ocp.CheckpointManager, state, *, force: bool = False
