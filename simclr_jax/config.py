@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   c.color_jitter_strength = 1.0
   c.use_blur = True
+  # False: pretraining views are the whole image, not random crops (the
+  # paper's Figure 5 ablation: without cropping the representation suffers).
+  c.random_crop = True
   c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
   # 'device': colour jitter, grayscale and blur run in the train step (the
   # host only decodes, crops, flips, resizes): for hosts whose CPU limits.
