@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: evaluate at the end only.
   c.log_every_steps = 100
   c.num_profile_steps = 5  # 0 disables the CLU profiler.
+  # True: main.py ends by drawing the run's loss and accuracy curves and its
+  # final probe accuracies to WORKDIR/demo.png (runtime/plots.py).
+  c.demo_plot = False
   c.seed = 0
   # True: a step with a non-finite loss or gradient leaves the state unchanged
   # (and is counted); False: the run stops before checkpointing it.

@@ -182,6 +182,10 @@ def main(argv):
       print(reporting.summary_line(config, workdir, int(result.state.step),
                                    result.metrics, preempted=result.preempted),
             flush=True)
+      if config.demo_plot and not result.preempted:
+        from simclr_jax.runtime import plots  # pylint: disable=g-import-not-at-top
+        print(f'simclr_jax: wrote {plots.write_demo_plot(workdir)}',
+              flush=True)
   finally:
     if lead_host:
       lock.release()
