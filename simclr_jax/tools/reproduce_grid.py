@@ -8,7 +8,7 @@ claim is quoted from SimCLR v1 (Chen et al., ICML 2020, arXiv 2002.05709v3)
 with the paper's own figure or table next to it.
 """
 import dataclasses
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import ml_collections
 
@@ -59,7 +59,7 @@ ROWS: Tuple[Row, ...] = (
     Row('simclr', evals=dict(
         probe=dict(baselines=('random_init', 'raw_pixels')),
         probe_z=dict(type='probe', output='projection'),
-        knn=dict(every_steps=0, k=20,
+        knn=dict(every_steps=0,
                  baselines=('random_init', 'raw_pixels')))),
     Row('head_linear', dict(proj_head_mode='linear')),
     Row('head_none', dict(proj_head_mode='none')),
@@ -95,12 +95,21 @@ class Finding:
   claim: str  # As the paper states it.
   reference: str
   entries: Tuple[Entry, ...]
-  # (description, test over {label: mean}) of the paper's ordering.
-  ordering: Tuple[str, Callable[[Mapping[str, float]], bool]]
+  # (description, ((better, worse) entry labels, ...)) of the paper's
+  # ordering: it holds when every `better` mean exceeds its `worse` mean.
+  ordering: Tuple[str, Tuple[Tuple[str, str], ...]]
+
+  def holds(self, means: Mapping[str, float]) -> bool:
+    return all(means[a] > means[b] for a, b in self.ordering[1])
+
+  def favoured(self) -> set:
+    """Labels the paper ranks above another and below none."""
+    better = {a for a, _ in self.ordering[1]}
+    return better - {b for _, b in self.ordering[1]}
 
 
 def _greater(*pairs):
-  return lambda m: all(m[a] > m[b] for a, b in pairs)
+  return pairs
 
 
 FINDINGS: Tuple[Finding, ...] = (
@@ -210,12 +219,13 @@ def row_config(base: ml_collections.ConfigDict, row: Row, *, seed: int,
     config.demo_plot = False
     if init_checkpoint:
       config.init_checkpoint = init_checkpoint
-    probe = dict(base.evals.get('probe', {}))
-    probe['baselines'] = ()
-    evals = {'probe': probe} if row.evals is None else {}
+    # A row's evaluator keeps the demo's fields of its type (the probe's
+    # train examples, the kNN bank), without baselines unless it asks.
+    def demo_fields(kind):
+      return {**base.evals.get(kind, {}), 'baselines': ()}
+    evals = {'probe': demo_fields('probe')} if row.evals is None else {}
     for name, fields in (row.evals or {}).items():
-      evals[name] = {**(probe if fields.get('type', name) == 'probe' else {}),
-                     **fields}
+      evals[name] = {**demo_fields(fields.get('type', name)), **fields}
     config.evals = ml_collections.ConfigDict(evals)
   return config
 

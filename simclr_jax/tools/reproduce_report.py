@@ -52,8 +52,7 @@ def summarise(results: Mapping[str, Mapping[int, Mapping[str, float]]],
       continue
     holds = None
     if all(m.values for m in measured):
-      holds = bool(finding.ordering[1]({m.entry.label: m.mean
-                                        for m in measured}))
+      holds = finding.holds({m.entry.label: m.mean for m in measured})
     summaries.append(FindingSummary(finding, measured, holds))
   return summaries
 
@@ -87,10 +86,14 @@ def figure(summaries: List[FindingSummary]):
     ax.axis('off')
   for ax, s in zip(axes.flat, summaries):
     labels = [m.entry.label for m in s.measured]
+    favoured = s.finding.favoured()
     ax.bar(range(len(labels)), [m.mean if m.values else 0 for m in s.measured],
            yerr=[m.std for m in s.measured], capsize=4,
-           color=['tab:green' if i == 0 else 'tab:gray'
-                  for i in range(len(labels))])
+           color=['tab:green' if label in favoured else 'tab:gray'
+                  for label in labels])
+    for i, m in enumerate(s.measured):
+      if not m.values:
+        ax.text(i, 2, 'not run', ha='center', rotation=90, fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha='right',
                   fontsize=8)
     verdict = {True: 'holds', False: 'does not hold', None: 'incomplete'}[

@@ -60,6 +60,10 @@ def test_every_row_config_is_valid_and_says_what_it_changes():
   assert set(by['simclr'].evals) == {'probe', 'probe_z', 'knn'}
   assert by['simclr'].evals.probe_z.output == 'projection'
   assert set(by['simclr'].evals.knn.baselines) == {'random_init', 'raw_pixels'}
+  # The demo's own evaluator fields carry over (its kNN bank, probe size).
+  assert by['simclr'].evals.knn.bank_split == base.evals.knn.bank_split
+  assert by['head_none'].evals.probe.train_examples == (
+      base.evals.probe.train_examples)
   assert set(by['head_none'].evals) == {'probe'}
   assert not by['head_none'].evals.probe.baselines
   assert not by['finetune_10pct'].evals
