@@ -168,6 +168,12 @@ def _needed_metrics(row_name: str) -> set:
           if e.row == row_name}
 
 
+def claim(workdir: str) -> None:
+  """Makes workdir and marks it as this tool's before anything else."""
+  os.makedirs(workdir, exist_ok=True)
+  owned_output.write_marker(workdir, WRITER, {'note': 'reproduce grid'})
+
+
 def run_grid(base, rows, seeds, *, workdir: str, scale: float,
              num_train_examples: int, printer: Callable[[str], None] = print,
              train_fn: Optional[Callable] = None) -> Dict[str, Dict[int, dict]]:
@@ -178,8 +184,7 @@ def run_grid(base, rows, seeds, *, workdir: str, scale: float,
   """
   if train_fn is None:
     train_fn = _train
-  os.makedirs(workdir, exist_ok=True)
-  owned_output.write_marker(workdir, WRITER, {'note': 'reproduce grid'})
+  claim(workdir)
   header = (f'Grid of `python -m simclr_jax.tools.reproduce` on '
             f'{base.dataset}: seeds {", ".join(map(str, seeds))}, train '
             f'steps × {scale:g} of the demo config (configs/demo.py); top-1 '
@@ -277,7 +282,7 @@ def main(argv):
     check_row_configs(base, rows, seeds, FLAGS.scale, data.num_train_examples)
   except preflight.BadInput as e:
     main_lib._fail(str(e))  # pylint: disable=protected-access
-  os.makedirs(workdir, exist_ok=True)
+  claim(workdir)  # Before the lock file: a killed run leaves a grid of ours.
   lock = workdir_lock.WorkdirLock(workdir)
   try:
     lock.acquire()
