@@ -104,10 +104,15 @@ def check_grid_workdir(workdir: str) -> str:
   return path
 
 
+def check_scale(scale: float) -> float:
+  if not scale > 0:
+    raise preflight.BadInput(f'--scale={scale} is invalid: must be > 0 (a '
+                             'factor on every run\'s train steps).')
+  return scale
+
+
 def check_row_configs(base, rows, seeds, scale, num_train_examples) -> None:
   """Every run's config is valid (init_checkpoint is made by the grid)."""
-  if not scale > 0:
-    raise preflight.BadInput(f'--scale={scale} is invalid: must be > 0.')
   for row in rows:
     config = grid.row_config(base, row, seed=seeds[0], scale=scale,
                              num_train_examples=num_train_examples,
@@ -275,6 +280,7 @@ def main(argv):
   try:
     seeds = parse_seeds(FLAGS.seeds)
     rows = parse_rows(FLAGS.rows)
+    check_scale(FLAGS.scale)
     workdir = check_grid_workdir(FLAGS.workdir)
     preflight.check_config(base)
     preflight.check_devices(base)

@@ -192,6 +192,7 @@ def _run(*args):
     (['--seeds=0,x'], "--seeds='0,x' is invalid"),
     (['--seeds=1,1'], 'distinct'),
     (['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
+    (['--scale=0'], '--scale=0.0 is invalid'),
 ])
 def test_bad_flags_are_one_line(args, fragment, tmp_path):
   workdir = tmp_path / 'grid'
