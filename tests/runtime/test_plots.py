@@ -7,6 +7,7 @@ import sys
 from clu import metric_writers
 import numpy as np
 from PIL import Image
+import pytest
 
 from simclr_jax.runtime import plots
 
@@ -42,6 +43,40 @@ def test_read_scalars_and_write_demo_plot(tmp_path):
   assert not [n for n in os.listdir(workdir) if '.tmp' in n]
 
 
+def test_tiny_run_prints_progress_and_ends_naming_demo_png(
+    tiny_config, tmp_path, capsys):
+  """A real loop (stand-in model) with demo_plot: progress lines while it
+  trains, demo.png drawn from its events, the last line names it."""
+  from simclr_jax import main  # pylint: disable=g-import-not-at-top
+  from simclr_jax import preflight  # pylint: disable=g-import-not-at-top
+  from simclr_jax import train  # pylint: disable=g-import-not-at-top
+  from test_reliability import TinyModel  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = tiny_config('pretrain', eval_split='test[:80]', log_every_steps=1,
+                       demo_plot=True)
+  with config.unlocked():
+    config.evals.knn = dict(every_steps=1, k=5, bank_split='train[:80]')
+    config.evals.probe = dict(train_examples=80,
+                              baselines=('random_init', 'raw_pixels'))
+  data = preflight.check_dataset(config)
+  capsys.readouterr()  # What preparing the dataset printed.
+  result = train.train_and_evaluate(config, workdir, data=data,
+                                    model=TinyModel())
+  main.print_ending(config, workdir, result)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('step 1/4  loss ') and ' img/s  ETA ' in lines[0]
+  assert lines[1].startswith('step 4/4  loss ')
+  assert lines[-2].startswith('simclr_jax: pretrain done at step 4')
+  png = os.path.join(workdir, 'demo.png')
+  assert lines[-1] == f'simclr_jax: wrote {png}'
+  with Image.open(png) as image:
+    image.verify()
+  scalars = plots.read_scalars(workdir)
+  assert sorted(scalars['knn/top1']) == [1, 2, 3, 4]  # The curve drawn.
+  assert all(scalars[tag] for tag, _ in plots.PROBE_BARS)  # The bars.
+
+
+@pytest.mark.slow
 def test_demo_command_prints_progress_and_names_demo_png_last(
     tmp_path, mnist_dir, tiny_overrides):
   """configs/demo.py shrunk to 2 steps: a progress line at the first step,
