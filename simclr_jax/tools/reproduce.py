@@ -202,8 +202,7 @@ def run_grid(base, rows, seeds, *, workdir: str, scale: float,
         printer(f'simclr_jax: reproduce: {row.name} seed {seed}: done '
                 'earlier, skipped')
         continue
-      init = (os.path.join(run_workdir(workdir, row.needs, seed))
-              if row.needs else '')
+      init = run_workdir(workdir, row.needs, seed) if row.needs else ''
       config = grid.row_config(base, row, seed=seed, scale=scale,
                                num_train_examples=num_train_examples,
                                init_checkpoint=init)
@@ -241,7 +240,7 @@ def run_grid(base, rows, seeds, *, workdir: str, scale: float,
   return results
 
 
-def _same_run(workdir, rows, seed, print_, needed):
+def _same_run(workdir, rows, seed, config_print, needed):
   """(row, metrics) of a finished run of this seed that trained the same
   config and reported every metric needed; None if there is none."""
   for other in rows:
@@ -250,7 +249,7 @@ def _same_run(workdir, rows, seed, print_, needed):
       continue
     with open(path) as f:
       record = json.load(f)
-    if (record.get('fingerprint') == print_ and not record.get('same_run_as')
+    if (record.get('fingerprint') == config_print and not record.get('same_run_as')
         and needed <= set(record['metrics'])):
       return other.name, record['metrics']
   return None
