@@ -48,4 +48,10 @@ def get_config():
   # and on the raw pixels.
   config.evals.probe = dict(train_examples=4000,
                             baselines=('random_init', 'raw_pixels'))
+  # demo.png: loss and a kNN monitor against the step (six points; a bank of
+  # 1,000 train digits, all classes, keeps each to seconds), then the probe's
+  # bars. every_steps follows train_steps as set here (0: at the end only).
+  config.demo_plot = True
+  config.evals.knn = dict(every_steps=config.train_steps // 6, k=20,
+                          bank_split='train[:1000]')
   return config_lib.lock(config)

@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   c.color_jitter_strength = 1.0
   c.use_blur = True
+  # False: pretraining views are the whole image, not random crops (the
+  # paper's Figure 5 ablation: without cropping the representation suffers).
+  c.random_crop = True
   c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
   # 'device': colour jitter, grayscale and blur run in the train step (the
   # host only decodes, crops, flips, resizes): for hosts whose CPU limits.
@@ -159,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: evaluate at the end only.
   c.log_every_steps = 100
   c.num_profile_steps = 5  # 0 disables the CLU profiler.
+  # True: main.py ends by drawing the run's loss and accuracy curves and its
+  # final probe accuracies to WORKDIR/demo.png (runtime/plots.py).
+  c.demo_plot = False
   c.seed = 0
   # True: a step with a non-finite loss or gradient leaves the state unchanged
   # (and is counted); False: the run stops before checkpointing it.

@@ -153,6 +153,17 @@ def _is_multihost_environment() -> bool:
   return ',' in env.get('TPU_WORKER_HOSTNAMES', '')
 
 
+def print_ending(config, workdir: str, result) -> None:
+  """A run's last lines: the summary, then (config.demo_plot) the path of
+  the picture drawn from its event files."""
+  print(reporting.summary_line(config, workdir, int(result.state.step),
+                               result.metrics, preempted=result.preempted),
+        flush=True)
+  if config.demo_plot and not result.preempted:
+    from simclr_jax.runtime import plots  # pylint: disable=g-import-not-at-top
+    print(f'simclr_jax: wrote {plots.write_demo_plot(workdir)}', flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}.')
@@ -236,9 +247,7 @@ def _check_train_report(config, workdir: str) -> None:
     except save_watch.CheckpointWriteError as e:
       _fail(preflight.one_line(e), EXIT_CHECKPOINT_WRITE)
     if lead_host:
-      print(reporting.summary_line(config, workdir, int(result.state.step),
-                                   result.metrics, preempted=result.preempted),
-            flush=True)
+      print_ending(config, workdir, result)
     if result.preempted:
       sys.exit(EXIT_PREEMPTED)
   finally:

@@ -47,6 +47,7 @@ from simclr_jax import sharding
 from simclr_jax.data import device_augment
 from simclr_jax.runtime import checkpoint
 from simclr_jax.runtime import preemption
+from simclr_jax.runtime import progress
 from simclr_jax.runtime import reporting
 from simclr_jax.runtime import run_identity
 from simclr_jax.runtime import save_watch
@@ -455,6 +456,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logdir=workdir, num_profile_steps=config.num_profile_steps))
   evals = create_evaluators(config, model, mesh, data, init_state)
   train_metrics = TrainMetrics(writer, config, start_step)
+  # The console's progress line, from process 0 only.
+  progress_line = progress.ProgressLine(
+      total_steps=total_steps, batch_size=config.train_batch_size,
+      start_step=start_step) if lead_host else None
   logging.info('Training steps %d..%d (compile %.1f s).', start_step + 1,
                total_steps, compile_time)
 
@@ -471,6 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       train_metrics.add(metrics)
       for hook in hooks:
         hook(step)
+      if progress_line:
+        progress_line.update(step, metrics)
       if is_time(step, config.log_every_steps, total_steps):
         train_metrics.write(step)
       if is_time(step, config.checkpoint_every_steps, total_steps):
@@ -482,6 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if results:
           writer.write_scalars(step, results)
           train_metrics.exclude(time.perf_counter() - eval_start)
+          if progress_line:
+            progress_line.exclude(time.perf_counter() - eval_start)
       preempted = watch.should_stop(step)
 
     # --- The end: finished, or preempted (save now, resume later) -----------

@@ -217,10 +217,12 @@ def _fold_in(seed, *data):
 
 
 def two_view_fn(image_size, *, color_jitter_strength, use_blur, impl,
-                color_on_device=False):
+                color_on_device=False, random_crop=True):
   """(encoded image, seed [2]) → two SimCLR views, float32 [2, S, S, 3].
 
-  The record is decoded once and both views are cropped from it.
+  The record is decoded once and both views are cropped from it;
+  `random_crop=False` (the paper's Figure 5 ablation) takes the whole image
+  for both (flip, resize and colour still apply).
   `color_on_device=True` stops after crop, flip and resize and returns
   (views, keys): keys are uint32 [2, 2], each view's raw threefry key for
   `device_augment.distort_view`, drawn from the view's seed, so the colour
@@ -241,7 +243,7 @@ def two_view_fn(image_size, *, color_jitter_strength, use_blur, impl,
     image = decode_image(encoded)
     crops = [augment.crop_window(image, *augment.sample_crop_window(
         tf.shape(image), image_size, image_size, seed=s[0]))
-             for s in view_seeds]
+             if random_crop else image for s in view_seeds]
     views = tf.stack([finish(crop, seed=s[1])
                       for crop, s in zip(crops, view_seeds)])
     if not color_on_device:
@@ -260,7 +262,7 @@ def _train_preprocess_fn(config, pretrain):
     two_views = two_view_fn(
         size, color_jitter_strength=float(config.color_jitter_strength),
         use_blur=bool(config.use_blur), impl=config.augmentation_impl,
-        color_on_device=on_device)
+        color_on_device=on_device, random_crop=bool(config.random_crop))
     if on_device:
       def views_and_keys(encoded, seed):
         views, keys = two_views(encoded, seed)

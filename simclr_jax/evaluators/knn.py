@@ -18,9 +18,12 @@ from simclr_jax.sharding import DATA_AXIS
 # every_steps: run when step % every_steps == 0 (<= 0: at the end only);
 # k neighbours, temperature τ of the vote weights exp(s/τ); bank_split
 # (labelled features to search; '' = config.train_split), query_split
-# ('' = config.eval_split); output: the model output compared.
+# ('' = config.eval_split); output: the model output compared; baselines:
+# the same kNN on the network at initialisation ('random_init') and on the
+# flattened images ('raw_pixels'), as for the linear probe.
 DEFAULTS = dict(every_steps=1000, k=200, temperature=0.1, bank_split='',
-                query_split='', output='representation')
+                query_split='', output='representation', baselines=())
+BASELINES = ('random_init', 'raw_pixels')
 _PRECISION = common.PRECISION
 
 
@@ -119,26 +122,44 @@ class KnnEvaluator(common.Evaluator):
 
   def __init__(self, name, cache: common.FeatureCache, *, bank_split,
                query_split, num_classes, every_steps=0, k=200,
-               temperature=0.1, output='representation'):
+               temperature=0.1, output='representation', baselines=(),
+               random_state_fn=None):
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+      raise ValueError(f'config.evals.{name}.baselines: unknown '
+                       f'{sorted(unknown)}; allowed: {", ".join(BASELINES)}.')
+    if 'random_init' in baselines and random_state_fn is None:
+      raise ValueError(f'config.evals.{name}: the random_init baseline needs '
+                       'random_state_fn.')
     self.name, self.cache = name, cache
     self.bank_split, self.query_split = bank_split, query_split
     self.num_classes, self.every_steps = num_classes, every_steps
     self.k, self.temperature, self.output = k, temperature, output
+    self.baselines, self.random_state_fn = tuple(baselines), random_state_fn
 
-  def run(self, state):
-    bank = self.cache(state, self.bank_split, self.output)
-    queries = self.cache(state, self.query_split, self.output)
+  def accuracy(self, state, output: str) -> float:
+    bank = self.cache(state, self.bank_split, output)
+    queries = self.cache(state, self.query_split, output)
     pred = knn_predict_sharded(
         self.cache.mesh, queries.features, bank.features, bank.labels,
         bank.mask, k=self.k, temperature=self.temperature,
         num_classes=self.num_classes)
     acc = common.masked_mean_correct(pred, queries.labels, queries.mask)
-    yield f'{self.name}/top1', float(common.to_host(acc))
+    return float(common.to_host(acc))
+
+  def run(self, state):
+    yield f'{self.name}/top1', self.accuracy(state, self.output)
+    if 'random_init' in self.baselines:
+      yield (f'{self.name}/random_init_top1',
+             self.accuracy(self.random_state_fn(), self.output))
+    if 'raw_pixels' in self.baselines:
+      yield f'{self.name}/raw_pixels_top1', self.accuracy(None, common.PIXELS)
 
 
-def create(name, fields, *, cache, config, num_classes, **_):
+def create(name, fields, *, cache, config, num_classes, random_state_fn=None,
+           **_):
   fields = dict(fields)
   return KnnEvaluator(
       name, cache, bank_split=fields.pop('bank_split') or config.train_split,
       query_split=fields.pop('query_split') or config.eval_split,
-      num_classes=num_classes, **fields)
+      num_classes=num_classes, random_state_fn=random_state_fn, **fields)

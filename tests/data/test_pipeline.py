@@ -146,6 +146,30 @@ def test_color_on_device_ships_crops_and_keys(indexed_dir):
   assert not np.array_equal(a[0]['augment_key'], c[0]['augment_key'])
 
 
+def test_random_crop_false_views_are_the_whole_image(indexed_dir):
+  """random_crop=False: each view (before colour, here on the device) is the
+  whole image resized like the eval view, or its mirror image."""
+  config = indexed_config(indexed_dir, color_augment='device',
+                          random_crop=False, train_split='train[:8]')
+  (batch,) = train_batches(config, 1)
+  whole = {}
+  for b in pipeline.create_eval_iterator(
+      indexed_config(indexed_dir, eval_split='train[:8]'), process_index=0,
+      process_count=1):
+    whole.update(zip(b['label'], b['image']))
+  mirrored = 0
+  for views, label in zip(batch['image'], batch['label']):
+    for view in views:
+      if np.allclose(view, whole[label], atol=1e-5):
+        continue
+      np.testing.assert_allclose(view, whole[label][:, ::-1], atol=1e-5)
+      mirrored += 1
+  assert 0 < mirrored < 16  # The flip still applies (p = 0.5).
+  cropped, = train_batches(indexed_config(
+      indexed_dir, color_augment='device', train_split='train[:8]'), 1)
+  assert not np.allclose(cropped['image'], batch['image'], atol=1e-3)
+
+
 def test_other_train_modes_give_one_view():
   config = make_config(train_mode='linear_eval')
   with tfds.testing.mock_data(num_examples=4):

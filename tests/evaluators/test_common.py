@@ -219,3 +219,28 @@ def test_probe_matches_numpy_ridge_with_held_out_l2():
         np_probe(x_tr @ w, x_te @ w)), name
   assert metrics['probe/raw_pixels_top1'] == pytest.approx(
       np_probe(x_tr, x_te))
+
+
+def test_knn_baselines_match_numpy():
+  """kNN's baselines: the same vote on a random state's features and on the
+  flattened pixels, beside the pretrained state's."""
+  data = FakeData()
+  state, random_state = fake_state(6), fake_state(9)
+  config = make_config(knn=dict(k=5, temperature=0.2,
+                                baselines=('random_init', 'raw_pixels')))
+  (ev,) = create(config, data, random_state_fn=lambda: random_state)
+  metrics = dict(ev.run(state))
+  x_tr, y_tr = data.splits['train']
+  x_te, y_te = data.splits['test']
+  x_tr, x_te = x_tr.reshape(70, -1), x_te.reshape(37, -1)
+
+  def np_acc(f_tr, f_te):
+    pred = np_knn(f_te, f_tr, y_tr, np.ones(70, bool), 5, 0.2, NUM_CLASSES)
+    return np.mean(pred == y_te)
+
+  for name, s in (('top1', state), ('random_init_top1', random_state)):
+    w = np.asarray(s['w'], np.float64)
+    assert metrics[f'knn/{name}'] == pytest.approx(np_acc(x_tr @ w, x_te @ w))
+  assert metrics['knn/raw_pixels_top1'] == pytest.approx(np_acc(x_tr, x_te))
+  with pytest.raises(ValueError, match='random_state_fn'):
+    create(make_config(knn=dict(baselines=('random_init',))), data)
