@@ -300,7 +300,7 @@ def test_every_float_key_must_be_finite(value):
       config_lib.validate(config)
 
 
-# On configs/demo_vit.py (ViT-Ti/4 at 16 px).
+# On configs/demo_vit.py (ViT-Ti/8 at 16 px).
 BAD_VIT = [
     ('vit_variant', 'X/16', "SIZE one of mu, Ti, S, B, L and PATCH one of "
      "4, 8, 14, 16, 32 (e.g. 'S/16')"),
@@ -308,9 +308,9 @@ BAD_VIT = [
     ('vit_variant', 'S16', 'SIZE/PATCH'),
     ('vit_pooling', 'cls', "expected one of 'token', 'gap'"),
     ('vit_position_embedding', 'none', 'expected one of'),
-    ('vit_num_heads', 5, "divide the width 192 of ViT-Ti/4"),
-    ('image_size', 18, 'multiple of its patch size 4'),
-    ('fine_tune_after_block', 13, 'must be in [-1, 12] for ViT-Ti/4'),
+    ('vit_num_heads', 5, "divide the width 192 of ViT-Ti/8"),
+    ('image_size', 18, 'multiple of its patch size 8'),
+    ('fine_tune_after_block', 13, 'must be in [-1, 12] for ViT-Ti/8'),
     # The ResNet's keys, which a ViT would ignore, are refused.
     ('resnet_depth', 18, "the other backbone (config.model='vit')"),
     ('width_multiplier', 2, 'leave it at 1'),

@@ -130,7 +130,7 @@ def test_init_checkpoint_with_parameters_the_model_lacks_is_refused(
   linear.init_checkpoint = str(tmp_path / 'other_head')
   preflight.check_init_checkpoint(linear, empty, model)
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     checkpoint.merge_pretrained(
         target['params'],
         checkpoint.load_pretrained(linear.init_checkpoint)['params'])
@@ -309,7 +309,7 @@ def test_step_larger_than_the_device_memory_is_refused_with_both_figures(
       r'host \S+ has available 1.00 MiB')):
     preflight.check_step_memory(compiled)
   monkeypatch.setattr(memory, 'host_available_bytes', lambda: None)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     preflight.check_step_memory(compiled)  # Unknown: skipped, and logged.
   assert 'Memory check skipped' in caplog.text
 
