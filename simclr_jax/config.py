@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_split = 'validation'
   c.image_size = 224
   c.color_jitter_strength = 1.0
+  # The random crop's smallest area, a fraction of the image (the paper's
+  # 0.08; its largest is the whole image).
+  c.crop_area_min = 0.08
   c.use_blur = True
   c.augmentation_impl = 'simclrv2'  # brightness: simclrv2 ×, simclrv1 +.
   # 'device': colour jitter, grayscale and blur run in the train step (the
@@ -79,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Model. num_proj_layers 3 is the reference's default (SimCLRv2); the v1
   # paper's head has one hidden layer (2).
   c.resnet_depth = 50
-  c.width_multiplier = 1
+  c.width_multiplier = 1.0  # Channels int(64·w)...: fractions allowed.
   c.sk_ratio = 0.0
   c.proj_head_mode = 'nonlinear'
   c.num_proj_layers = 3
@@ -187,6 +190,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1)')
   _positive(config, 'color_jitter_strength', allow_zero=True)
+  if not 0 < config.crop_area_min <= 1:
+    _fail('crop_area_min', config.crop_area_min, 'must be in (0, 1]')
   _positive(config, 'shuffle_buffer_size', allow_zero=True)
   _positive(config, 'checkpoint_every_steps')
   _positive(config, 'keep_checkpoints')

@@ -153,6 +153,9 @@ BAD = [
     ('learning_rate', 0.0, 'must be > 0'),
     ('momentum', 1.0, 'must be in [0, 1)'),
     ('checkpoint_every_steps', 0, 'must be > 0'),
+    ('width_multiplier', 0.0, 'must be > 0'),
+    ('crop_area_min', 0.0, 'must be in (0, 1]'),
+    ('crop_area_min', 1.5, 'must be in (0, 1]'),
 ]
 
 
@@ -230,6 +233,7 @@ def test_model_defaults_are_the_configs():
 
 
 @pytest.mark.parametrize('key', ['use_blur', 'color_jitter_strength',
+                                 'crop_area_min',
                                  'augmentation_impl', 'color_augment',
                                  'shuffle_buffer_size', 'cache_dataset'])
 def test_pipeline_takes_its_defaults_from_the_config(key):

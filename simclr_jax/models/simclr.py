@@ -40,7 +40,7 @@ class SimCLRModel(nn.Module):
   in pretraining; linear_eval freezes the whole backbone anyway).
   """
   resnet_depth: int = _DEFAULTS.resnet_depth
-  width_multiplier: int = _DEFAULTS.width_multiplier
+  width_multiplier: float = _DEFAULTS.width_multiplier
   sk_ratio: float = _DEFAULTS.sk_ratio
   cifar_stem: bool = False  # Derived: image_size <= 32.
   proj_head_mode: str = _DEFAULTS.proj_head_mode

@@ -121,8 +121,8 @@ def device_memory_bytes(compiled):
 
 def analytic_step_flops(config):
   """flops.py's count of one pretraining step (both views, 3 × forward)."""
-  width = 2048 if config.resnet_depth >= 50 else 512
-  width *= config.width_multiplier
+  from simclr_jax import models  # pylint: disable=g-import-not-at-top
+  width = models.output_width(config.resnet_depth, config.width_multiplier)
   head = ()
   if config.proj_head_mode == 'nonlinear':
     head = (width,) * (config.num_proj_layers - 1) + (config.proj_out_dim,)
