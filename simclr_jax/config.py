@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_split = 'validation'
   c.image_size = 224
   c.color_jitter_strength = 1.0
+  # The random crop's smallest area, a fraction of the image (the paper's
+  # 0.08; its largest is the whole image).
+  c.crop_area_min = 0.08
   c.use_blur = True
   # False: pretraining views are the whole image, not random crops (the
   # paper's Figure 5 ablation: without cropping the representation suffers).
@@ -97,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   # their defaults, so a key that would be ignored is refused instead.
   c.model = 'resnet'
   c.resnet_depth = 50
-  c.width_multiplier = 1
+  c.width_multiplier = 1.0  # Channels int(64·w)...: fractions allowed.
   c.sk_ratio = 0.0
   # ViT (models/vit.py): 'SIZE/PATCH', SIZE one of mu, Ti, S, B, L, PATCH one
   # of 4, 8, 14, 16, 32 (image_size must be a multiple).
@@ -277,6 +280,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1)')
   _positive(config, 'color_jitter_strength', allow_zero=True)
+  if not 0 < config.crop_area_min <= 1:
+    _fail('crop_area_min', config.crop_area_min, 'must be in (0, 1]')
   _positive(config, 'shuffle_buffer_size', allow_zero=True)
   _positive(config, 'checkpoint_every_steps')
   _positive(config, 'keep_checkpoints')

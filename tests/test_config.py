@@ -212,6 +212,9 @@ BAD = [
     ('checkpoint_every_steps', 0, 'must be > 0'),
     ('memory_buffer_size', -1, 'must be >= 0'),
     ('memory_momentum', 1.5, 'must be in [0, 1]'),
+    ('width_multiplier', 0.0, 'must be > 0'),
+    ('crop_area_min', 0.0, 'must be in (0, 1]'),
+    ('crop_area_min', 1.5, 'must be in (0, 1]'),
 ]
 
 
@@ -445,6 +448,7 @@ def test_model_defaults_are_the_configs():
 
 
 @pytest.mark.parametrize('key', ['use_blur', 'color_jitter_strength',
+                                 'crop_area_min',
                                  'augmentation_impl', 'color_augment',
                                  'shuffle_buffer_size', 'cache_dataset'])
 def test_pipeline_takes_its_defaults_from_the_config(key):

@@ -9,8 +9,9 @@ thread, in any order. Sub-seeds are split off with
 
 Per training view, in order:
   1. random crop (`sample_distorted_bounding_box`: min_object_covered 0.1, aspect
-     ratio ∈ [3/4, 4/3]·(width/height), area ∈ [0.08, 1], 100 attempts, whole
-     image as fallback), bicubic resize to height × width;
+     ratio ∈ [3/4, 4/3]·(width/height), area ∈ [area_min, 1] (the paper's
+     area_min 0.08), 100 attempts, whole image as fallback), bicubic resize
+     to height × width;
   2. horizontal flip with p = 0.5;
   3. with p = 0.8 colour jitter of strength s, the four ops in a random order,
      each followed by a clip to [0, 1]:
@@ -109,7 +110,8 @@ def _resize_if_needed(image, height, width):
 # ----------------------------------------------------------------------------
 # Crop.
 # ----------------------------------------------------------------------------
-def sample_crop_window(image_shape, height, width, *, seed):
+def sample_crop_window(image_shape, height, width, *, seed,
+                       area_min=C.CROP_AREA_RANGE[0]):
   """The random crop window of `random_crop_and_resize`, as (offset, size).
 
   Args:
@@ -117,9 +119,10 @@ def sample_crop_window(image_shape, height, width, *, seed):
     height, width: the output size (its aspect ratio scales the aspect range,
       as in the reference).
     seed: shape-[2] int tensor.
+    area_min: the smallest crop area, a fraction of the image in (0, 1].
 
   Returns:
-    (offset [y, x], size [h, w]) int32 tensors; area h·w/(H·W) ∈ [0.08, 1],
+    (offset [y, x], size [h, w]) int32 tensors; area h·w/(H·W) ∈ [area_min, 1],
     aspect w/h ∈ [3/4, 4/3]·width/height up to integer rounding, or the whole
     image when 100 attempts fail.
   """
@@ -130,7 +133,7 @@ def sample_crop_window(image_shape, height, width, *, seed):
       seed=seed,
       min_object_covered=C.CROP_MIN_OBJECT_COVERED,
       aspect_ratio_range=tuple(r * aspect for r in C.CROP_ASPECT_RANGE),
-      area_range=C.CROP_AREA_RANGE,
+      area_range=(area_min, C.CROP_AREA_RANGE[1]),
       max_attempts=C.CROP_MAX_ATTEMPTS,
       use_image_if_no_bounding_boxes=True)
   return begin[:2], size[:2]
@@ -290,7 +293,8 @@ def random_blur(image, height, *, seed):
 # ----------------------------------------------------------------------------
 def preprocess_for_train(image, height, width, *, seed,
                          color_jitter_strength=1.0, crop=True, flip=True,
-                         impl='simclrv2', blur=False, color_distort=True):
+                         impl='simclrv2', blur=False, color_distort=True,
+                         crop_area_min=C.CROP_AREA_RANGE[0]):
   """One random training view of `image` (module docstring).
 
   Args:
@@ -304,6 +308,7 @@ def preprocess_for_train(image, height, width, *, seed,
     blur: gaussian blur with p = 0.5 (ImageNet yes, CIFAR no).
     color_distort: colour jitter + grayscale. False gives the crop + flip only
       preprocessing used to train linear eval / fine-tuning / supervised.
+    crop_area_min: the random crop's smallest area, a fraction of the image.
 
   Returns:
     float32 [height, width, 3] in [0, 1].
@@ -313,7 +318,7 @@ def preprocess_for_train(image, height, width, *, seed,
   image = _ensure_rgb(image)
   if crop:
     offset, size = sample_crop_window(tf.shape(image), height, width,
-                                      seed=crop_seed)
+                                      seed=crop_seed, area_min=crop_area_min)
     image = crop_window(image, offset, size)
   return finish_view(image, height, width, seed=finish_seed,
                      color_jitter_strength=color_jitter_strength, flip=flip,

@@ -42,6 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax.data import augment
+from simclr_jax.data import augment_constants
 # Registers the offline `mnist_offline` builder with tfds.
 from simclr_jax.data import mnist_offline  # pylint: disable=unused-import
 
@@ -217,7 +218,8 @@ def _fold_in(seed, *data):
 
 
 def two_view_fn(image_size, *, color_jitter_strength, use_blur, impl,
-                color_on_device=False, random_crop=True):
+                color_on_device=False, random_crop=True,
+                crop_area_min=augment_constants.CROP_AREA_RANGE[0]):
   """(encoded image, seed [2]) → two SimCLR views, float32 [2, S, S, 3].
 
   The record is decoded once and both views are cropped from it;
@@ -242,7 +244,8 @@ def two_view_fn(image_size, *, color_jitter_strength, use_blur, impl,
                   tf.unstack(tf.random.experimental.stateless_split(seed, 2))]
     image = decode_image(encoded)
     crops = [augment.crop_window(image, *augment.sample_crop_window(
-        tf.shape(image), image_size, image_size, seed=s[0]))
+        tf.shape(image), image_size, image_size, seed=s[0],
+        area_min=crop_area_min))
              if random_crop else image for s in view_seeds]
     views = tf.stack([finish(crop, seed=s[1])
                       for crop, s in zip(crops, view_seeds)])
@@ -262,7 +265,8 @@ def _train_preprocess_fn(config, pretrain):
     two_views = two_view_fn(
         size, color_jitter_strength=float(config.color_jitter_strength),
         use_blur=bool(config.use_blur), impl=config.augmentation_impl,
-        color_on_device=on_device, random_crop=bool(config.random_crop))
+        color_on_device=on_device, random_crop=bool(config.random_crop),
+        crop_area_min=float(config.crop_area_min))
     if on_device:
       def views_and_keys(encoded, seed):
         views, keys = two_views(encoded, seed)
@@ -273,7 +277,8 @@ def _train_preprocess_fn(config, pretrain):
   def crop_and_flip(encoded, seed):
     # linear_eval / finetune / supervised: crop + flip only (reference).
     return {'image': augment.preprocess_for_train(
-        decode_image(encoded), size, size, seed=seed, color_distort=False)}
+        decode_image(encoded), size, size, seed=seed, color_distort=False,
+        crop_area_min=float(config.crop_area_min))}
 
   return crop_and_flip
 

@@ -44,10 +44,19 @@ conv_kernel_init = nn.initializers.variance_scaling(
     1.0, 'fan_in', 'truncated_normal')
 
 
-def output_width(depth: int, width_multiplier: int = 1) -> int:
+def channels(base: int, width_multiplier: float) -> int:
+  """int(base·w): a layer's channel count at width multiplier w.
+
+  The paper's multipliers are integers (1x, 2x, 4x); a fraction (e.g. 0.5)
+  gives the narrower networks that a small dataset on a CPU can afford.
+  """
+  return max(int(base * width_multiplier), 1)
+
+
+def output_width(depth: int, width_multiplier: float = 1) -> int:
   """Width of the pooled representation: 512·w (18/34) or 2048·w (50+)."""
   kind, _ = RESNET_LAYERS[depth]
-  return (512 if kind == 'basic' else 2048) * width_multiplier
+  return channels(512, width_multiplier) * (1 if kind == 'basic' else 4)
 
 
 class BatchNorm(nn.Module):
@@ -304,7 +313,8 @@ class ResNet(nn.Module):
 
   Attributes:
     depth: 18, 34 (basic blocks), 50, 101, 152, 200 (bottleneck blocks).
-    width_multiplier: integer w; channels are 64·w ... 512·w (·4 for bottleneck).
+    width_multiplier: w > 0; channels are int(64·w) ... int(512·w) (·4 for
+      bottleneck blocks), so 0.5 halves the network.
     sk_ratio: > 0 turns on selective kernels, the ResNet-D stem and shortcut.
     cifar_stem: 3x3 stride-1 stem conv and no max-pool (images <= 32 px).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
@@ -323,7 +333,7 @@ class ResNet(nn.Module):
   `conv2`/`bn2`.
   """
   depth: int
-  width_multiplier: int = 1
+  width_multiplier: float = 1
   sk_ratio: float = 0.0
   cifar_stem: bool = False
   dtype: Any = jnp.float32
@@ -345,13 +355,13 @@ class ResNet(nn.Module):
 
     # Block 0: the stem. A block index <= fine_tune_after_block is frozen.
     stem_train = train and self.fine_tune_after_block < 0
-    x = Stem(64 * w, cifar_stem=self.cifar_stem, resnet_d=self.sk_ratio > 0,
+    x = Stem(channels(64, w), cifar_stem=self.cifar_stem, resnet_d=self.sk_ratio > 0,
              dtype=self.dtype, name='stem')(x, stem_train)
     if self.fine_tune_after_block == 0:
       x = jax.lax.stop_gradient(x)
 
     for group, (num_blocks, filters) in enumerate(
-        zip(layers, (64 * w, 128 * w, 256 * w, 512 * w)), start=1):
+        zip(layers, [channels(c, w) for c in (64, 128, 256, 512)]), start=1):
       group_train = train and self.fine_tune_after_block < group
       for j in range(num_blocks):
         strides = 2 if (group > 1 and j == 0) else 1

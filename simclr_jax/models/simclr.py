@@ -52,7 +52,7 @@ class SimCLRModel(nn.Module):
   """
   model: str = _DEFAULTS.model
   resnet_depth: int = _DEFAULTS.resnet_depth
-  width_multiplier: int = _DEFAULTS.width_multiplier
+  width_multiplier: float = _DEFAULTS.width_multiplier
   sk_ratio: float = _DEFAULTS.sk_ratio
   cifar_stem: bool = False  # Derived: image_size <= 32.
   vit_variant: str = _DEFAULTS.vit_variant

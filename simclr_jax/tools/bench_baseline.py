@@ -28,9 +28,9 @@ def architecture(depth, width, cifar_stem, num_proj_layers, proj_out_dim):
   """
   bottleneck, groups = LAYERS[depth]
   stem_k, stem_s = (3, 1) if cifar_stem else (7, 2)
-  blocks, cin = [], 64 * width
+  blocks, cin = [], int(64 * width)  # As the model: int(base·w).
   for g, n in enumerate(groups):
-    f = 64 * width * 2 ** g
+    f = int(64 * 2 ** g * width)
     cout = 4 * f if bottleneck else f
     for j in range(n):
       s = 2 if (g > 0 and j == 0) else 1
@@ -43,7 +43,7 @@ def architecture(depth, width, cifar_stem, num_proj_layers, proj_out_dim):
       blocks.append((f'g{g}b{j}', branch, short))
       cin = cout
   head = [cin] * (num_proj_layers - 1) + [proj_out_dim]
-  return dict(stem=(stem_k, 3, 64 * width, stem_s), pool=not cifar_stem,
+  return dict(stem=(stem_k, 3, int(64 * width), stem_s), pool=not cifar_stem,
               blocks=blocks, width=cin, head=head)
 
 

@@ -38,7 +38,7 @@ def resnet_forward_flops(depth, *, image_size, width_multiplier=1,
   bottleneck = depth >= 50
   expansion = 4 if bottleneck else 1
   h = w = image_size
-  stem_width = 64 * width_multiplier
+  stem_width = int(64 * width_multiplier)  # As the model: int(64·w).
   if cifar_stem:
     macs, h, w = _conv_macs(h, w, 3, 3, stem_width, 1)
   else:
@@ -46,7 +46,7 @@ def resnet_forward_flops(depth, *, image_size, width_multiplier=1,
     h, w = -(-h // 2), -(-w // 2)  # 3×3/2 max-pool.
   cin = stem_width
   for group, num_blocks in enumerate(BLOCKS_PER_GROUP[depth]):
-    filters = GROUP_FILTERS[group] * width_multiplier
+    filters = int(GROUP_FILTERS[group] * width_multiplier)
     for block in range(num_blocks):
       stride = 2 if (block == 0 and group > 0) else 1
       cout = filters * expansion

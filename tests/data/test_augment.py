@@ -88,6 +88,17 @@ def test_random_crop_area_and_aspect_ranges():
   assert 0.35 < areas.mean() < 0.7
 
 
+def test_crop_area_min_bounds_the_window_area():
+  src = 100
+  window = tf.function(lambda s: augment.sample_crop_window(
+      tf.constant([src, src, 3]), 32, 32, seed=s, area_min=0.5)[1])
+  areas = np.array([np.prod(window(s).numpy()) / src**2
+                    for s in seeds(N_DRAWS)])
+  slack = 2.0 / src + 1e-3  # Integer sides: a pixel of rounding each.
+  assert areas.min() >= 0.5 - slack and areas.max() <= 1 + slack
+  assert areas.min() < 0.55  # The range is used down to its bottom.
+
+
 def test_crop_window_matches_pixels():
   """sample_crop_window returns the window that the crop actually takes."""
   src_h, src_w, out = 180, 220, 48

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from simclr_jax.data import augment_constants
 from simclr_jax.data import pipeline
 
 from conftest import small_config
@@ -301,3 +302,31 @@ def test_unprepared_dataset_names_the_prepare_command(tmp_path):
     pipeline.num_examples(config, 'train')
   with tfds.testing.mock_data(num_examples=3):  # Mocked: counts as present.
     assert pipeline.num_examples(config, 'train') == 3
+
+
+@pytest.mark.parametrize('mode', ['pretrain', 'linear_eval'])
+def test_crop_area_min_reaches_the_crop(indexed_dir, mode):
+  # crop_area_min = 1 leaves the whole (square) image: with no colour jitter
+  # each view is the image itself, mirrored or not, in colour or grey. The
+  # paper's 0.08 crops most views (a few draw the whole 12×12 image).
+  builder = tfds.builder('indexed_images', data_dir=indexed_dir)
+  source = {int(ex['label']): ex['image'] / 255.0 for ex in
+            builder.as_dataset(split='train').as_numpy_iterator()}
+
+  def is_whole_image(view, label):
+    image = source[label]
+    grey = (image @ np.asarray(augment_constants.GRAY_WEIGHTS))[..., None]
+    return any(np.allclose(view, np.broadcast_to(c, view.shape), atol=1e-4)
+               for c in (image, image[:, ::-1], grey, grey[:, ::-1]))
+
+  whole = {}
+  for area_min in (1.0, 0.08):
+    config = indexed_config(indexed_dir, image_size=12, train_mode=mode,
+                            color_jitter_strength=0.0, crop_area_min=area_min)
+    batch, = train_batches(config, 1)
+    views = batch['image'].reshape(-1, 12, 12, 3)
+    labels = np.repeat(batch['label'], len(views) // len(batch['label']))
+    whole[area_min] = [is_whole_image(v, int(l))
+                       for v, l in zip(views, labels)]
+  assert all(whole[1.0])
+  assert sum(whole[0.08]) < len(whole[0.08]) / 2

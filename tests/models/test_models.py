@@ -144,6 +144,25 @@ def test_width_multiplier_scales_output():
   assert out.shape == (2, 1024)
 
 
+def test_fractional_width_multiplier_gives_int_channels():
+  # Channels are int(base·w): at w = 0.375 the four groups have 24, 48, 96,
+  # 192 channels, and 0.3 rounds 64·0.3 = 19.2 down to 19.
+  params = variable_shapes(resnet.ResNet(18, 0.375, cifar_stem=True),
+                           8)['params']
+  assert params['stem']['conv']['kernel'].shape == (3, 3, 3, 24)
+  assert [params[f'block_group{g}_block1']['conv2']['kernel'].shape[-1]
+          for g in (1, 2, 3, 4)] == [24, 48, 96, 192]
+  assert models.output_width(18, 0.375) == 192
+  assert models.output_width(50, 0.25) == 4 * 128
+  assert resnet.channels(64, 0.3) == 19
+  out = jax.eval_shape(
+      lambda v, x: resnet.ResNet(18, 0.375, cifar_stem=True).apply(
+          v, x, train=False),
+      variable_shapes(resnet.ResNet(18, 0.375, cifar_stem=True), 8),
+      jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
+  assert out.shape == (2, 192)
+
+
 def test_stems_and_shortcuts_structure():
   imagenet = variable_shapes(resnet.ResNet(50), 64)['params']
   assert imagenet['stem']['conv']['kernel'].shape == (7, 7, 3, 64)

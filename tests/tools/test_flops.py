@@ -25,6 +25,9 @@ def test_width_multiplier_scales_quadratically_except_stem():
   two = flops.resnet_forward_flops(50, image_size=224, width_multiplier=2)
   stem_1x = 2 * 112 * 112 * 7 * 7 * 3 * 64
   assert two - 2 * stem_1x == 4 * (one - stem_1x)
+  # A fraction: at w = 0.5 every layer has int(c/2) channels.
+  half = flops.resnet_forward_flops(50, image_size=224, width_multiplier=0.5)
+  assert one - stem_1x == 4 * (half - stem_1x // 2)
 
 
 def test_head_dense_layers_counted():
