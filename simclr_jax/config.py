@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The teacher's architecture, checked against teacher_checkpoint's shapes;
   # default: a SimCLRv2 ResNet-50 fine-tuned from projection layer 1.
   c.teacher = ml_collections.ConfigDict(dict(
-      resnet_depth=50, width_multiplier=1, sk_ratio=0.0,
+      resnet_depth=50, width_multiplier=1.0, sk_ratio=0.0,
       proj_head_mode='nonlinear', num_proj_layers=3, proj_out_dim=128,
       ft_proj_selector=1))
   # Loop, checkpoints, logs.

@@ -252,7 +252,7 @@ def test_bad_teacher_architecture_is_named():
     config.update(train_mode='distill', teacher_checkpoint='/teacher')
   config_lib.validate(config)
   for key, value in (('resnet_depth', 20), ('proj_head_mode', 'mlp'),
-                     ('ft_proj_selector', 4), ('width_multiplier', 0)):
+                     ('ft_proj_selector', 4), ('width_multiplier', 0.0)):
     bad = config.copy_and_resolve_references()
     bad.teacher[key] = value
     with pytest.raises(config_lib.ConfigError,
@@ -316,7 +316,7 @@ BAD_VIT = [
     ('fine_tune_after_block', 13, 'must be in [-1, 12] for ViT-Ti/8'),
     # The ResNet's keys, which a ViT would ignore, are refused.
     ('resnet_depth', 18, "the other backbone (config.model='vit')"),
-    ('width_multiplier', 2, 'leave it at 1'),
+    ('width_multiplier', 2.0, 'leave it at 1.0'),
     ('sk_ratio', 0.0625, 'the other backbone'),
     ('proj_hidden_dim', -1, 'must be >= 0'),
     ('grad_clip_norm', -1.0, 'must be >= 0'),
