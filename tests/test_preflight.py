@@ -223,7 +223,8 @@ def _tree_bytes(directory):
 
 @pytest.mark.parametrize('key,value', [
     ('train_mode', 'supervised'), ('image_size', 16), ('dataset', 'cifar10'),
-    ('resnet_depth', 34), ('train_split', 'train[:50%]'), ('seed', 1)])
+    ('resnet_depth', 34), ('train_split', 'train[:50%]'), ('seed', 1),
+    ('memory_buffer_size', 1024)])
 def test_resuming_another_run_names_the_key_and_both_values(tmp_path, key,
                                                             value):
   pretrain = _demo_config(train_steps=100)

@@ -12,8 +12,10 @@ save writes `workdir/checkpoints/simclr_jax_run.json`:
 
 and a run that resumes the workdir must match it (preflight.check_resume).
 The config keys are what defines the run: what it trains (mode, dataset,
-train split, batch, seed, optimizer) and the model it trains (architecture,
-image size); the shapes of every parameter and BatchNorm statistic also
+train split, batch, seed, optimizer), the model it trains (architecture,
+image size) and the state it carries besides the model (the size of
+SimCLRv2's memory buffer, whose queue and momentum network are in the
+checkpoint); the shapes of every parameter and BatchNorm statistic also
 catch any other setting that changes the model. Everything else may change
 on resume: the length (train_steps, train_epochs), the evaluation, logging,
 checkpoint and profiling cadence, the evaluators, keep_checkpoints, dtype and
@@ -34,7 +36,8 @@ IDENTITY_KEYS = (
     'seed', 'optimizer', 'model', 'resnet_depth', 'width_multiplier',
     'sk_ratio', 'vit_variant', 'vit_pooling', 'proj_head_mode',
     'num_proj_layers', 'proj_out_dim', 'ft_proj_selector',
-    'fine_tune_after_block', 'lineareval_while_pretraining')
+    'fine_tune_after_block', 'lineareval_while_pretraining',
+    'memory_buffer_size')
 
 
 def path(workdir: str) -> str:

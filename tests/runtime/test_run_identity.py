@@ -64,3 +64,21 @@ def test_write_and_read_back_leave_no_temporary_file(tmp_path):
   run_identity.write(str(tmp_path), identity)  # Replaces its own record.
   assert run_identity.read(str(tmp_path)) == identity
   assert os.listdir(tmp_path / 'checkpoints') == [run_identity.FILE_NAME]
+
+
+def test_another_memory_buffer_size_is_another_run():
+  # The queue [K, d] and the momentum network are checkpointed state outside
+  # the model's variables: the shapes alone would not see K change, and
+  # Orbax would fail restoring a queue of another size.
+  with_buffer = run_identity.of_run(
+      small_config('pretrain', memory_buffer_size=64), 10, _variables())
+  for other in (0, 128):
+    current = run_identity.of_run(
+        small_config('pretrain', memory_buffer_size=other), 10, _variables())
+    assert run_identity.first_difference(with_buffer, current) == (
+        f"config.memory_buffer_size=64 in the workdir's run, {other} in this "
+        'one')
+  # The momentum changes the numbers, not the saved state: allowed.
+  assert run_identity.first_difference(with_buffer, run_identity.of_run(
+      small_config('pretrain', memory_buffer_size=64, memory_momentum=0.9),
+      10, _variables())) is None
