@@ -91,9 +91,13 @@ def test_init_checkpoint_shape_mismatch_names_the_path(tmp_path):
                         init_checkpoint=str(tmp_path / 'bad'))
   model = models.create_model(linear, 10)
   empty = tmp_path / 'empty_workdir'
+  shape = tuple(variables['params']['resnet']['block_group2_block0']['conv1'][
+      'kernel'].shape)
+  widened = shape[:-1] + (shape[-1] + 1,)
   with pytest.raises(preflight.BadInput, match=(
       f"does not fit the model: .*params path '{bad}' has shape "
-      r'\(3, 3, 64, 129\) in the checkpoint but \(3, 3, 64, 128\)')):
+      f'{re.escape(str(widened))} in the checkpoint but '
+      f'{re.escape(str(shape))}')):
     preflight.check_init_checkpoint(linear, str(empty), model)
 
   # The same file with the right shapes passes; so does a workdir that
@@ -222,7 +226,7 @@ def _tree_bytes(directory):
 
 
 @pytest.mark.parametrize('key,value', [
-    ('train_mode', 'supervised'), ('image_size', 16), ('dataset', 'cifar10'),
+    ('train_mode', 'supervised'), ('image_size', 24), ('dataset', 'cifar10'),
     ('resnet_depth', 34), ('train_split', 'train[:50%]'), ('seed', 1),
     ('memory_buffer_size', 1024)])
 def test_resuming_another_run_names_the_key_and_both_values(tmp_path, key,

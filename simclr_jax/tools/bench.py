@@ -144,7 +144,7 @@ def model_name(config) -> str:
   """'ResNet-50 1x' or 'ViT-S/16' (the bench's header and JSON)."""
   if config.model == 'vit':
     return f'ViT-{config.vit_variant}'
-  return f'ResNet-{config.resnet_depth} {config.width_multiplier}x'
+  return f'ResNet-{config.resnet_depth} {config.width_multiplier:g}x'
 
 
 def mfu(flops_per_step, step_s, peak_flops_per_device, devices):
