@@ -57,7 +57,9 @@ def get_config():
   config.proj_head_mode = 'nonlinear'
   config.num_proj_layers = 2
   config.proj_out_dim = 64
-  config.lineareval_while_pretraining = True
+  # No online linear head: the probe at the end is the evaluation, and a head
+  # on stop_gradient(h) at this LARS rate diverges (it does not touch h).
+  config.lineareval_while_pretraining = False
   config.dtype = 'float32'
   config.cache_dataset = True
   config.checkpoint_every_steps = 50

@@ -115,7 +115,9 @@ def test_init_checkpoint_with_parameters_the_model_lacks_is_refused(
   """Checked both ways: a deeper network's checkpoint does not load in part.
   Extra parameters under a subtree the mode initialises afresh (the linear
   eval classifier) are allowed, and the load logs that subtree."""
-  pretrain = _demo_config()
+  # A pretraining run with the online linear head: its checkpoint holds a
+  # supervised_head that linear_eval initialises afresh.
+  pretrain = _demo_config(lineareval_while_pretraining=True)
   variables = _abstract_variables(pretrain)
   deeper = 'resnet/block_group4_block2/conv1/kernel'
   _save_variables(str(tmp_path / 'deeper'), variables,
