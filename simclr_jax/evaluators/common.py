@@ -81,6 +81,20 @@ class Evaluator:
     raise NotImplementedError
 
 
+def with_baselines(evaluator, state, metric: str
+                   ) -> Iterator[tuple[str, float]]:
+  """`evaluator.accuracy` of the trained network as NAME/metric, then of the
+  evaluator's `baselines`: the same network at initialisation
+  (NAME/random_init_top1) and the raw pixels (NAME/raw_pixels_top1)."""
+  name = evaluator.name
+  yield f'{name}/{metric}', evaluator.accuracy(state, evaluator.output)
+  if 'random_init' in evaluator.baselines:
+    yield (f'{name}/random_init_top1',
+           evaluator.accuracy(evaluator.random_state_fn(), evaluator.output))
+  if 'raw_pixels' in evaluator.baselines:
+    yield f'{name}/raw_pixels_top1', evaluator.accuracy(None, PIXELS)
+
+
 # ----------------------------------------------------------------------------
 # The model's outputs over a whole split, sharded.
 # ----------------------------------------------------------------------------

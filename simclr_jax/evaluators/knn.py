@@ -148,12 +148,7 @@ class KnnEvaluator(common.Evaluator):
     return float(common.to_host(acc))
 
   def run(self, state):
-    yield f'{self.name}/top1', self.accuracy(state, self.output)
-    if 'random_init' in self.baselines:
-      yield (f'{self.name}/random_init_top1',
-             self.accuracy(self.random_state_fn(), self.output))
-    if 'raw_pixels' in self.baselines:
-      yield f'{self.name}/raw_pixels_top1', self.accuracy(None, common.PIXELS)
+    return common.with_baselines(self, state, 'top1')
 
 
 def create(name, fields, *, cache, config, num_classes, random_state_fn=None,
