@@ -157,6 +157,10 @@ def center_crop_window(image_height, image_width, height, width,
   crop_width = tf.cast(tf.math.rint(tf.where(
       wider_than_image, crop_proportion * image_width_f,
       crop_proportion * aspect * image_height_f)), tf.int32)
+  # At least one pixel: a tiny image (a side of 1-2 px) would round to an
+  # empty crop, which the resize rejects; real images never get here.
+  crop_height, crop_width = tf.maximum(crop_height, 1), tf.maximum(
+      crop_width, 1)
   offset_height = (image_height - crop_height + 1) // 2
   offset_width = (image_width - crop_width + 1) // 2
   return (tf.stack([offset_height, offset_width]),
