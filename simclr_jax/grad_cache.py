@@ -67,8 +67,41 @@ def _mean_over_devices(tree):
                        AXIS)
 
 
+LOOPS = ('auto', 'scan', 'unrolled')
+
+
+def unrolled_backward(mesh, loop: str = 'auto') -> bool:
+  """Whether pass 3 runs as straight-line code instead of a `lax.scan`.
+
+  'auto' unrolls on CPU only. XLA:CPU compiles a convolution's weight
+  gradient inside a loop body to its slow generic kernel (jax-ml/jax issue
+  12868): a ResNet-18's micro-batched step took 5× the plain step's time
+  with the scan and 1.45× unrolled. XLA:CPU's scheduler then keeps about a
+  full batch's activations, which host memory affords. GPU and TPU run the
+  scan: one micro-batch's activations, a program that does not grow with
+  the number of micro-batches.
+  """
+  if loop not in LOOPS:
+    raise ValueError(f'loop={loop!r}: expected one of {LOOPS}.')
+  if loop == 'auto':
+    return mesh.devices.flat[0].platform == 'cpu'
+  return loop == 'unrolled'
+
+
+def _unrolled_scan(body, carry, xs, count: int):
+  """`lax.scan(body, carry, xs)[0]`, unrolled, one micro-batch at a time:
+  the barrier ties micro-batch j's inputs to the sum after j − 1, so its
+  forward pass cannot start before micro-batch j − 1 is done."""
+  for j in range(count):
+    x = jax.tree.map(lambda a: a[j], xs)  # pylint: disable=cell-var-from-loop
+    x, carry = jax.lax.optimization_barrier((x, carry))
+    carry, _ = body(carry, x)
+  return carry
+
+
 def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
-                               distort: Optional[Callable] = None) -> Callable:
+                               distort: Optional[Callable] = None,
+                               loop: str = 'auto') -> Callable:
   """The pretrain step's gradient with `config.micro_batch_size` per device.
 
   Args:
@@ -82,6 +115,7 @@ def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
       z [N, 2, d] -> (loss, metrics), sharded over 'data'.
     distort: None, or `(images, keys) -> images` applied to each micro-batch
       (color_augment='device'; the views' keys come in `batch['augment_key']`).
+    loop: how pass 3 loops over the micro-batches (`unrolled_backward`).
 
   Returns:
     `gradients(state, batch, rng, *loss_args) -> (grads, (metrics,
@@ -94,6 +128,7 @@ def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
     negatives that carry no gradient).
   """
   micro = config.micro_batch_size
+  unrolled = unrolled_backward(mesh, loop)
   head_metrics = (('supervised_loss', 'supervised_acc')
                   if model.has_supervised_head() else ())
 
@@ -164,8 +199,11 @@ def make_micro_batch_gradients(model, config, mesh, contrastive_loss: Callable,
     zero = jax.lax.pcast(jnp.zeros((), jnp.float32), AXIS, to='varying')
     init = (jax.tree.map(jnp.zeros_like, params),  # Varying, like params.
             {name: zero for name in head_metrics})
-    (grads, sums), _ = jax.lax.scan(
-        body, init, (chunks, _split(dz, micro), chunk_keys(rng, count)))
+    xs = (chunks, _split(dz, micro), chunk_keys(rng, count))
+    if unrolled:
+      grads, sums = _unrolled_scan(body, init, xs, count)
+    else:
+      (grads, sums), _ = jax.lax.scan(body, init, xs)
     return jax.lax.psum((grads, sums), AXIS)
 
   rows, whole = P(AXIS), P()

@@ -156,7 +156,7 @@ def distort_on_device(images, keys, config):
 
 
 def make_train_step(model, config, learning_rate_fn, mesh,
-                    teacher_model=None) -> Callable:
+                    teacher_model=None, micro_batch_loop='auto') -> Callable:
   """The jitted update: (state, global batch) -> (state, metrics).
 
   pretrain batch: image [N, 2, H, W, 3], label [N] (and augment_key
@@ -167,7 +167,8 @@ def make_train_step(model, config, learning_rate_fn, mesh,
   `teacher_model` and the teacher's variables in `state.teacher`. With
   config.micro_batch_size the gradient is the gradient cache's
   (grad_cache.py): the same loss over the global batch, computed m images
-  per device at a time, BatchNorm statistics per micro-batch.
+  per device at a time, BatchNorm statistics per micro-batch, looping over
+  them as `micro_batch_loop` says (grad_cache.unrolled_backward).
   """
   pretrain = config.train_mode == 'pretrain'
   distilling = config.train_mode == 'distill'
@@ -178,7 +179,7 @@ def make_train_step(model, config, learning_rate_fn, mesh,
     micro_batch_gradients = grad_cache.make_micro_batch_gradients(
         model, config, mesh, contrastive_loss,
         distort=(lambda x, keys: distort_on_device(x, keys, config))
-        if color_on_device else None)
+        if color_on_device else None, loop=micro_batch_loop)
 
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)

@@ -109,14 +109,16 @@ def assert_grads_close(got, want):
 # ----------------------------------------------------------------------------
 # Exactness: BatchNorm in inference mode.
 # ----------------------------------------------------------------------------
+# The backward loop as GPUs and TPUs run it (a scan) and as CPUs do.
+@pytest.mark.parametrize('loop', ['scan', 'unrolled'])
 @pytest.mark.parametrize('devices,micro', [(1, 4), (8, 1)])
-def test_loss_and_gradients_equal_the_full_batch(devices, micro):
+def test_loss_and_gradients_equal_the_full_batch(devices, micro, loop):
   config = tiny_config(micro_batch_size=micro)
   model = ConvNet(bn_train=False)
   state, _ = initial_state(config, model)
   batch = random_batch(0)
   mesh = sharding.create_mesh(jax.devices()[:devices])
-  gradients = grad_cache_gradients(model, config, mesh)
+  gradients = grad_cache_gradients(model, config, mesh, loop)
   with jax.transfer_guard('disallow'):
     grads, (metrics, _) = gradients(
         sharding.replicate(state, mesh),
@@ -131,9 +133,10 @@ def test_loss_and_gradients_equal_the_full_batch(devices, micro):
   assert metrics['contrastive_loss'] > 2 * np.log(2 * BATCH - 1) - 1.0
 
 
-def grad_cache_gradients(model, config, mesh):
+def grad_cache_gradients(model, config, mesh, loop='auto'):
   gradients = grad_cache.make_micro_batch_gradients(
-      model, config, mesh, train.make_contrastive_loss(config, mesh))
+      model, config, mesh, train.make_contrastive_loss(config, mesh),
+      loop=loop)
   return jax.jit(lambda state, batch: gradients(state, batch, state.rng))
 
 
@@ -198,15 +201,17 @@ def per_micro_batch_objective(params, batch_stats, *, model, config, batch,
   return loss, jax.tree.map(lambda *s: sum(s) / len(s), *stats)
 
 
+@pytest.mark.parametrize('loop', ['scan', 'unrolled'])
 @pytest.mark.parametrize('devices', [1, 8])
-def test_training_mode_batchnorm_is_per_micro_batch(devices):
+def test_training_mode_batchnorm_is_per_micro_batch(devices, loop):
   micro = 2
   config = tiny_config(micro_batch_size=micro)
   model = ConvNet(bn_train=True)
   state, _ = initial_state(config, model)
   batch = random_batch(1)
   mesh = sharding.create_mesh(jax.devices()[:devices])
-  grads, (metrics, batch_stats) = grad_cache_gradients(model, config, mesh)(
+  grads, (metrics, batch_stats) = grad_cache_gradients(model, config, mesh,
+                                                       loop)(
       sharding.replicate(state, mesh),
       sharding.host_batch_to_global(batch, mesh))
   (want_loss, want_stats), want_grads = jax.jit(jax.value_and_grad(
@@ -360,6 +365,15 @@ def test_micro_batch_size_must_divide_the_per_device_batch():
       r'^config.micro_batch_size=4 is invalid: must divide the per-device '
       r'batch 2 \(train_batch_size=16 / 8 devices\)\.$')):
     preflight.check_devices(config)
+
+
+def test_backward_loop_is_unrolled_on_cpu_only_unless_asked():
+  mesh = sharding.create_mesh(jax.devices()[:1])  # CPU devices here.
+  assert grad_cache.unrolled_backward(mesh)
+  assert grad_cache.unrolled_backward(mesh, 'unrolled')
+  assert not grad_cache.unrolled_backward(mesh, 'scan')
+  with pytest.raises(ValueError, match=r"loop='while': expected one of"):
+    grad_cache.unrolled_backward(mesh, 'while')
 
 
 def test_bench_reports_memory_and_time_ratios(monkeypatch, capsys):

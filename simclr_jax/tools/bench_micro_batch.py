@@ -6,8 +6,8 @@ r"""Micro-batched pretraining (grad_cache.py) against the plain step:
       --what=micro --micro_batch_sizes=64,128,256 --steps=0
   # Memory and time per global batch:
   python -m simclr_jax.tools.bench --config=configs/cifar10_r18.py \
-      --config.train_batch_size=256 --what=micro --micro_batch_sizes=32 \
-      --steps=3
+      --config.train_batch_size=128 --config.image_size=16 --what=micro \
+      --micro_batch_sizes=32 --steps=3
 
 For the config's global batch B and each micro-batch size m it reports, per
 device: the compiled memory (bench.device_memory_bytes: arguments + outputs
@@ -17,10 +17,13 @@ device: the compiled memory (bench.device_memory_bytes: arguments + outputs
                      at a time;
   `plain_batch<m>`:  the plain step at batch m·devices, the largest that
                      holds m images per device,
-and `micro<m>.memory_vs_plain_batch` = micro<m> / plain_batch<m>. With
-`--steps` > 0 the two global-batch steps also run (bench.bench_train: the
-median of `steps` steps after `warmup`) and `micro<m>.time_vs_plain` is the
-ratio of their step times (and of their CPU seconds); with `--steps=0` only
+and `micro<m>.memory_vs_plain_batch` = micro<m> / plain_batch<m>. The memory
+is always that of the micro-batches in a `lax.scan`, the program GPUs and
+TPUs run. With `--steps` > 0 the two global-batch steps also run
+(bench.bench_train: the median of `steps` steps after `warmup`) as this
+machine compiles them (on CPU the backward loop unrolled, `timed_loop`; see
+grad_cache.unrolled_backward) and `micro<m>.time_vs_plain` is the ratio of
+their step times (and of their CPU seconds); with `--steps=0` only
 compiled memory is measured, on abstract inputs, so a batch far beyond the
 machine's memory still compiles.
 """
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from simclr_jax import config as config_lib
+from simclr_jax import grad_cache
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import sharding
@@ -64,23 +68,35 @@ def abstract_inputs(config, model, mesh):
   return state, batch
 
 
-def compiled_step_memory(config, *, mesh=None, model=None) -> int:
-  """Per-device bytes of the compiled pretrain step (nothing allocated)."""
+def compiled_step_memory(config, *, mesh=None, model=None,
+                         loop='scan') -> int:
+  """Per-device bytes of the compiled pretrain step (nothing allocated).
+
+  `loop`: of the micro-batches (grad_cache.unrolled_backward); 'scan', the
+  default, is the program GPUs and TPUs run, even when compiled on CPU.
+  """
   mesh = mesh or sharding.create_mesh()
   model = model or models.create_model(config, bench.NUM_CLASSES)
-  step = train.make_train_step(model, config, lambda step: 0.1, mesh)
+  step = train.make_train_step(model, config, lambda step: 0.1, mesh,
+                               micro_batch_loop=loop)
   compiled = step.lower(*abstract_inputs(config, model, mesh)).compile()
   return bench.device_memory_bytes(compiled)
 
 
 def measure(config, *, steps, warmup):
-  """{'memory_bytes_per_device', and with steps: 'step_s', 'step_cpu_s'}."""
+  """{'memory_bytes_per_device' (the scan's), and with steps: 'step_s',
+  'step_cpu_s', ... of the step this machine runs ('auto' loop)}."""
+  memory = {'memory_bytes_per_device': compiled_step_memory(config)}
   if steps <= 0:
-    return {'memory_bytes_per_device': compiled_step_memory(config)}
+    return memory
   result = bench.bench_train(config, steps=steps, warmup=warmup)
-  return {key: result[key] for key in ('memory_bytes_per_device', 'compile_s',
-                                        'step_s', 'step_cpu_s', 'step_times_s',
-                                        'images_per_s', 'loss')}
+  timed = {key: result[key] for key in ('compile_s', 'step_s', 'step_cpu_s',
+                                        'step_times_s', 'images_per_s',
+                                        'loss')}
+  if config.micro_batch_size:
+    timed['timed_loop'] = ('unrolled' if grad_cache.unrolled_backward(
+        sharding.create_mesh()) else 'scan')
+  return dict(timed, **memory)
 
 
 def run(config, micro_batch_sizes, *, steps, warmup):
