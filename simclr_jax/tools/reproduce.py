@@ -2,18 +2,20 @@ r"""The paper's findings in miniature: `python -m simclr_jax.tools.reproduce`
 (alias: `python -m simclr_jax.reproduce`).
 
   python -m simclr_jax.tools.reproduce --workdir=DIR [--seeds=0,1,2] \
-      [--rows=simclr,no_crop] [--scale=1.0] [--config=configs/demo.py] \
+      [--rows=simclr,no_crop] [--scale=1.0] [--config=configs/reproduce.py] \
       [--config.KEY=VALUE ...]
 
-Runs every row of the grid (reproduce_grid.py: the demo recipe and named
-variants of it) for every seed on the offline digits, in-process through
-`train.train_and_evaluate`, one workdir per run (DIR/work/ROW/seedS). A
-finished run leaves DIR/runs/ROW/seedS.json (its final metrics, written
-atomically); DIR/results.md and DIR/results.png are rewritten after every
-run. The same command resumes a half-done grid: finished runs are skipped,
-an interrupted one resumes from its checkpoint. `--scale` multiplies every
-run's train steps (0.02: the CI smoke grid); `--config.KEY=VALUE` overrides
-the demo config for every row.
+Runs every row of the grid (reproduce_grid.py: the demo recipe at quarter
+width, configs/reproduce.py, and named variants of it) for every seed on
+the offline digits, in-process through `train.train_and_evaluate`, one
+workdir per run (DIR/work/ROW/seedS). A finished run leaves
+DIR/runs/ROW/seedS.json (its final metrics, written atomically);
+DIR/results.md and DIR/results.png are rewritten after every run. The same
+command resumes a half-done grid: finished runs are skipped, an interrupted
+one resumes from its checkpoint. Compiled programs are kept in
+DIR/compilation_cache, so the seeds of a row compile once. `--scale`
+multiplies every run's train steps (0.02: the CI smoke grid);
+`--config.KEY=VALUE` overrides the base config for every row.
 
 Bad flags are one line, `simclr_jax: error: ...`, exit 2, before anything
 trains. DIR must be new, empty, or a grid this tool wrote (its marker file,
@@ -43,11 +45,11 @@ flags.DEFINE_list('rows', [], 'Rows to run (default all): '
 flags.DEFINE_float('scale', 1.0, 'Factor on every run\'s train steps.')
 
 WRITER = 'simclr_jax.tools.reproduce'
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs', 'demo.py')
+GRID_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs', 'reproduce.py')
 # What the tool writes at the top of its workdir (and atomic-write leftovers).
 OWN_ENTRIES = re.compile(
-    r'(runs|work|results\.(md|png)(\.tmp-\d+)?|'
+    r'(runs|work|compilation_cache|results\.(md|png)(\.tmp-\d+)?|'
     + re.escape(owned_output.MARKER_FILE) + '|'
     + re.escape(workdir_lock.LOCK_NAME) + r')$')
 
@@ -173,6 +175,14 @@ def _needed_metrics(row_name: str) -> set:
           if e.row == row_name}
 
 
+def use_compilation_cache(workdir: str) -> None:
+  """XLA programs persist in DIR/compilation_cache: the seeds of a row
+  (and a resumed grid) compile identical programs, so only the first pays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(workdir, 'compilation_cache'))
+
+
 def claim(workdir: str) -> None:
   """Makes workdir and marks it as this tool's before anything else."""
   os.makedirs(workdir, exist_ok=True)
@@ -192,7 +202,9 @@ def run_grid(base, rows, seeds, *, workdir: str, scale: float,
   claim(workdir)
   header = (f'Grid of `python -m simclr_jax.tools.reproduce` on '
             f'{base.dataset}: seeds {", ".join(map(str, seeds))}, train '
-            f'steps × {scale:g} of the demo config (configs/demo.py); top-1 '
+            f'steps × {scale:g} of the base config (ResNet-'
+            f'{base.resnet_depth} ×{base.width_multiplier:g}, '
+            f'{base.image_size} px, batch {base.train_batch_size}); top-1 '
             '% on the test split, mean ± sample std over the seeds.')
   from simclr_jax.tools import reproduce_report  # pylint: disable=g-import-not-at-top
   for seed in seeds:
@@ -266,9 +278,10 @@ def _train(config, workdir):
 # Entry point.
 # ----------------------------------------------------------------------------
 def parse_flags(argv):
-  """main's flag parsing, with --config defaulting to configs/demo.py."""
+  """main's flag parsing, with --config defaulting to configs/reproduce.py
+  (the demo recipe at quarter width)."""
   if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
-    argv = [argv[0], f'--config={DEMO_CONFIG}', *argv[1:]]
+    argv = [argv[0], f'--config={GRID_CONFIG}', *argv[1:]]
   return main_lib.parse_flags(argv)
 
 
@@ -288,6 +301,7 @@ def main(argv):
   except preflight.BadInput as e:
     main_lib._fail(str(e))  # pylint: disable=protected-access
   claim(workdir)  # Before the lock file: a killed run leaves a grid of ours.
+  use_compilation_cache(workdir)
   lock = workdir_lock.WorkdirLock(workdir)
   try:
     lock.acquire()

@@ -1,8 +1,8 @@
 """The grid of `tools/reproduce.py`: named config variants (rows) of the demo
 recipe and the paper's findings they test.
 
-A row is the demo config plus overrides; rows that fine-tune start from the
-'simclr' row of the same seed (`needs`). A finding compares (row, metric)
+A row is the base config (configs/reproduce.py) plus overrides; rows that
+fine-tune start from the 'simclr' row of the same seed (`needs`). A finding compares (row, metric)
 entries; its `holds` states the paper's ordering over their means. Every
 claim is quoted from SimCLR v1 (Chen et al., ICML 2020, arXiv 2002.05709v3)
 with the paper's own figure or table next to it.
@@ -23,7 +23,7 @@ HEAD = 'eval/top1'
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """A named config variant: overrides on the demo config.
+  """A named config variant: overrides on the base config.
 
   `steps_factor` multiplies the train steps (a batch-size row keeps the
   epochs of the demo); `needs` names the row whose checkpoint (same seed)
@@ -196,9 +196,9 @@ FINDINGS: Tuple[Finding, ...] = (
 def row_config(base: ml_collections.ConfigDict, row: Row, *, seed: int,
                scale: float, num_train_examples: int,
                init_checkpoint: str = '') -> ml_collections.ConfigDict:
-  """The demo config `base` turned into `row` for `seed`, steps × scale.
+  """The base config `base` turned into `row` for `seed`, steps × scale.
 
-  The steps are the demo's (from its epochs over `num_train_examples` when
+  The steps are the base's (from its epochs over `num_train_examples` when
   it sets no train_steps) times the row's factor and `scale`.
   """
   config = base.copy_and_resolve_references()
