@@ -140,12 +140,21 @@ def check_dataset(config):
   from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     data = pipeline.create_data(config)
-    sizes = {key: (split, pipeline.num_examples(config, split))
-             for key, split in split_keys(config).items()}
   except ValueError as e:
     raise BadInput(one_line(e)) from None
-  check_split_sizes(config, sizes)
+  check_split_sizes(config, split_sizes(config))
   return data
+
+
+def split_sizes(config):
+  """{config key: (split, number of examples)} of split_keys(config), from
+  the prepared dataset's metadata (nothing is read), or BadInput."""
+  from simclr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    return {key: (split, pipeline.num_examples(config, split))
+            for key, split in split_keys(config).items()}
+  except ValueError as e:
+    raise BadInput(one_line(e)) from None
 
 
 def split_keys(config):

@@ -123,10 +123,11 @@ def check_row_configs(base, rows, seeds, scale, num_train_examples) -> None:
     try:
       config_lib.validate(config)
       evaluators_common.evaluator_entries(config)
-    except ValueError as e:
+      preflight.check_devices(config)
+      preflight.check_split_sizes(config, preflight.split_sizes(config))
+    except (ValueError, preflight.BadInput) as e:
       raise preflight.BadInput(f'row {row.name}: {preflight.one_line(e)}'
                                ) from None
-    preflight.check_devices(config)
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,10 @@ class Row:
   steps_factor: float = 1.0
   needs: str = ''
   evals: Mapping[str, Mapping[str, object]] = None
-  batch_size: int = 0  # 0: the demo's.
+  batch_size: int = 0  # 0: the base config's.
+  # The % of the train split the row trains on (0: all); its batch is at
+  # most that many examples, so no batch repeats one.
+  train_percent: float = 0.0
 
 
 def _few_labels(mode: str, fraction: str) -> Row:
@@ -50,7 +53,8 @@ def _few_labels(mode: str, fraction: str) -> Row:
                      warmup_epochs=0.0, lineareval_while_pretraining=False,
                      zero_init_logits_layer=mode == 'finetune',
                      ft_proj_selector=0),
-      needs='simclr' if mode == 'finetune' else '', evals={})
+      needs='simclr' if mode == 'finetune' else '', evals={},
+      train_percent=fraction)
 
 
 ROWS: Tuple[Row, ...] = (
@@ -205,6 +209,8 @@ def row_config(base: ml_collections.ConfigDict, row: Row, *, seed: int,
   steps = config_lib.config_schedule_steps(
       base, num_train_examples)['total_steps']
   batch = row.batch_size or base.train_batch_size
+  if row.train_percent:
+    batch = min(batch, int(num_train_examples * row.train_percent / 100))
   factor = row.steps_factor * base.train_batch_size / batch
   with config.unlocked():
     config.update(dict(row.overrides))

@@ -34,6 +34,15 @@ def demo_config(**overrides):
 # ----------------------------------------------------------------------------
 # The grid's configs and the table (no training).
 # ----------------------------------------------------------------------------
+def test_the_grid_base_is_the_demo_at_quarter_width():
+  demo = runpy.run_path(config_file('demo'))['get_config']().to_dict()
+  base = runpy.run_path(config_file('reproduce'))['get_config']()
+  assert base.is_locked
+  changed = {k: v for k, v in base.to_dict().items() if demo[k] != v}
+  assert changed == {'width_multiplier': 0.25, 'demo_plot': False}
+  assert os.path.samefile(reproduce.GRID_CONFIG, config_file('reproduce'))
+
+
 def test_every_row_config_is_valid_and_says_what_it_changes():
   base = demo_config(train_batch_size=128, train_steps=150, train_epochs=0)
   for row in grid.ROWS:
@@ -53,6 +62,10 @@ def test_every_row_config_is_valid_and_says_what_it_changes():
         for r in grid.ROWS}
   assert by['batch_512'].train_steps == 38 and by['batch_32'].train_steps == 600
   assert by['finetune_1pct'].train_split == 'train[:1%]'
+  # 1 % of 4,000 is 40 labels: the batch is all of them, the epochs kept.
+  assert by['finetune_1pct'].train_batch_size == 40
+  assert by['finetune_1pct'].train_steps == 150 * 128 // 40
+  assert by['finetune_10pct'].train_batch_size == 128
   assert by['finetune_1pct'].init_checkpoint == '/p'
   assert by['supervised_10pct'].train_mode == 'supervised'
   assert not by['supervised_10pct'].init_checkpoint
@@ -181,6 +194,26 @@ def test_same_training_is_reused_not_rerun(smoke_base, tmp_path):
 # ----------------------------------------------------------------------------
 # Bad flags: one line, exit 2, nothing trained or written.
 # ----------------------------------------------------------------------------
+def test_a_row_whose_split_is_smaller_than_its_batch_is_refused_first(
+    monkeypatch):
+  """Every row's splits are checked before the first run trains (the grid
+  once stopped at its first 1 %-label row, four runs in)."""
+  base = demo_config()
+  monkeypatch.setattr(preflight, 'split_sizes', lambda c: {
+      'train_split': (c.train_split, 4000 if c.train_split == 'train' else 30),
+      'eval_split': (c.eval_split, 1000)})
+  with pytest.raises(preflight.BadInput, match=(
+      r"^row finetune_1pct: config.train_split='train\[:1%\]' of "
+      r"'mnist_offline' has 30 examples, fewer than one global batch "
+      r'\(config.train_batch_size=40\)')):
+    reproduce.check_row_configs(base, grid.ROWS, (0,), 1.0, 4000)
+  # With the split's real 40 examples the row's batch is 40: accepted.
+  monkeypatch.setattr(preflight, 'split_sizes', lambda c: {
+      'train_split': (c.train_split, 4000 if c.train_split == 'train' else
+                      int(c.train_split[7:-2]) * 40)})
+  reproduce.check_row_configs(base, grid.ROWS, (0,), 1.0, 4000)
+
+
 def _run(*args):
   return subprocess.run(
       [sys.executable, '-m', 'simclr_jax.reproduce', *args], cwd=REPO,
