@@ -104,7 +104,11 @@ class Finding:
   ordering: Tuple[str, Tuple[Tuple[str, str], ...]]
 
   def holds(self, means: Mapping[str, float]) -> bool:
-    return all(means[a] > means[b] for a, b in self.ordering[1])
+    return not self.broken_pairs(means)
+
+  def broken_pairs(self, means: Mapping[str, float]):
+    """The (better, worse) pairs of the ordering that the means break."""
+    return [(a, b) for a, b in self.ordering[1] if not means[a] > means[b]]
 
   def favoured(self) -> set:
     """Labels the paper ranks above another and below none."""

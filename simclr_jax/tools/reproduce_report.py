@@ -70,7 +70,12 @@ def markdown(summaries: List[FindingSummary], *, header: str) -> str:
                    f'{len(m.values)} | {m.entry.paper} |')
     verdict = {True: 'holds', False: 'does NOT hold',
                None: 'not measured yet (rows missing)'}[s.holds]
-    lines += ['', f'Ordering ({s.finding.ordering[0]}): **{verdict}**.', '']
+    line = f'Ordering ({s.finding.ordering[0]}): **{verdict}**'
+    if s.holds is False:
+      means = {m.entry.label: m.mean for m in s.measured}
+      line += ': ' + '; '.join(f'{a} {means[a]:.1f} ≤ {b} {means[b]:.1f}'
+                               for a, b in s.finding.broken_pairs(means))
+    lines += ['', line + '.', '']
   return '\n'.join(lines)
 
 
