@@ -259,20 +259,34 @@ def test_workdir_not_ours_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# The real grid (about an hour on 2 CPU cores): the paper's orderings.
+# The real grid (about half an hour on 2 CPU cores): the paper's orderings.
 # ----------------------------------------------------------------------------
+# The pairs of each finding's ordering that the measured grid breaks (README,
+# "Reproducing the paper"): a result at this scale, kept here so that a change
+# that moves any ordering, either way, is seen and the README updated.
+BROKEN_AT_THIS_SCALE = {
+    'Finding 1': [('kNN: SimCLR', 'kNN: raw pixels')],
+    'Finding 2': [],
+    'Finding 3': [('probe on h: nonlinear head', 'probe on h: linear head')],
+    'Finding 4': [],
+}
+
+
 @pytest.mark.slow
-def test_real_grid_reproduces_findings_1_to_4(tmp_path):
+def test_real_grid_orderings_of_findings_1_to_4_are_those_measured(tmp_path):
   workdir = str(tmp_path / 'grid')
+  # One CPU device, as the README's grid ran (not the tests' 8 fake ones).
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '').replace(
+      '--xla_force_host_platform_device_count=8', ''))
   result = subprocess.run(
       [sys.executable, '-m', 'simclr_jax.reproduce', f'--workdir={workdir}',
        '--rows=simclr,head_linear,head_none,no_crop,finetune_1pct,'
        'supervised_1pct,finetune_10pct,supervised_10pct'],
-      cwd=REPO, capture_output=True, text=True, timeout=4 * 3600,
-      env=dict(os.environ))
+      cwd=REPO, capture_output=True, text=True, timeout=4 * 3600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   summaries = {s.finding.name.split(':')[0]: s for s in report.summarise(
       reproduce.read_results(workdir))}
-  for name in ('Finding 1', 'Finding 2', 'Finding 3', 'Finding 4'):
-    assert summaries[name].holds, report.markdown([summaries[name]],
-                                                  header='')
+  for name, broken in BROKEN_AT_THIS_SCALE.items():
+    means = {m.entry.label: m.mean for m in summaries[name].measured}
+    assert summaries[name].finding.broken_pairs(means) == broken, (
+        report.markdown([summaries[name]], header=''))
