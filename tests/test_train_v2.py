@@ -337,29 +337,32 @@ def test_distill_run_sigterm_and_resume_is_bitwise_exact(tiny_config,
 # ----------------------------------------------------------------------------
 # The classifier on h, for teacher and student alike (SimCLRv2's student).
 ON_H = dict(proj_head_mode='none', ft_proj_selector=0)
-FEW_LABELS = 'train[:200]'  # 5 % of the 4,000 train digits, ~20 a class.
+FEW_LABELS = 'train[:500]'  # 1/8 of the 4,000 train digits, ~50 a class.
 
 
-@pytest.mark.slow  # Two tiny runs of 50 and 100 steps: ~4 CPU-minutes.
+@pytest.mark.slow  # Runs of 200 and 300 steps at batch 64: ~20 CPU-minutes.
 def test_student_distilled_from_a_frozen_teacher_reaches_its_accuracy(
     tiny_config, tmp_path):
   """SimCLRv2's finding (§3, Fig. 8) that self-distillation on unlabeled
   images does not hurt and usually helps, at the offline scale: a teacher
-  trained on 200 labels, then a student of its architecture from scratch on
-  all 4,000 train images without their labels; both scored on the 1,000
-  test digits. Adam at 2e-3 (0.032·B/256) learns in tens of steps where
-  the tiny config's momentum SGD would not."""
+  trained on 500 labels, then a student of its architecture from scratch on
+  all 4,000 train images without their labels (Eq. 2 at τ = 1); both scored
+  on the 1,000 test digits. Adam at 2e-3 (0.008·B/256): the tiny config's
+  momentum SGD at 0.1·B/256 leaves a teacher near chance in this many steps.
+  Measured on one CPU device: teacher 68.8 %, student 69.1 %."""
   common = dict(ON_H, eval_split='test', eval_batch_size=200,
-                optimizer='adam', learning_rate=0.032, weight_decay=0.0,
-                checkpoint_every_steps=1000, log_every_steps=1000)
+                train_batch_size=64, optimizer='adam', learning_rate=0.008,
+                weight_decay=0.0, checkpoint_every_steps=1000,
+                log_every_steps=1000)
   teacher_dir = str(tmp_path / 'teacher')
   teacher = train.train_and_evaluate(
-      tiny_config('supervised', train_split=FEW_LABELS, train_steps=50,
+      tiny_config('supervised', train_split=FEW_LABELS, train_steps=200,
                   **common), teacher_dir)
   student = train.train_and_evaluate(
       tiny_config('distill', teacher=dict(SAME_TEACHER, **ON_H),
                   teacher_checkpoint=teacher_dir, distill_temperature=1.0,
-                  train_steps=100, **common), str(tmp_path / 'student'))
-  assert teacher.metrics['eval/top1'] > 0.3  # A teacher worth distilling.
-  assert student.metrics['eval/top1'] >= teacher.metrics['eval/top1'], (
-      student.metrics['eval/top1'], teacher.metrics['eval/top1'])
+                  train_steps=300, **common), str(tmp_path / 'student'))
+  teacher_top1 = teacher.metrics['eval/top1']
+  assert teacher_top1 > 0.5  # A teacher worth distilling (measured: 68.8 %).
+  assert student.metrics['eval/top1'] >= teacher_top1, (
+      student.metrics['eval/top1'], teacher_top1)
