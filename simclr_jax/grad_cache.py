@@ -74,8 +74,8 @@ def unrolled_backward(mesh, loop: str = 'auto') -> bool:
   """Whether pass 3 runs as straight-line code instead of a `lax.scan`.
 
   'auto' unrolls on CPU only. XLA:CPU compiles a convolution's weight
-  gradient inside a loop body to its slow generic kernel (jax-ml/jax issue
-  12868): a ResNet-18's micro-batched step took 5× the plain step's time
+  gradient inside a loop body to its slow generic kernel (a known XLA:CPU
+  limitation, not a GPU or TPU one): a ResNet-18's micro-batched step took 5× the plain step's time
   with the scan and 1.45× unrolled. XLA:CPU's scheduler then keeps about a
   full batch's activations, which host memory affords. GPU and TPU run the
   scan: one micro-batch's activations, a program that does not grow with
