@@ -190,19 +190,16 @@ def representation_width(config) -> int:
 
 def create_teacher_model(config, num_classes: int) -> SimCLRModel:
   """The frozen teacher of train_mode='distill': `config.teacher`'s
-  architecture as a fine-tuned classifier (run with train=False)."""
-  teacher = config.teacher
-  return SimCLRModel(
-      resnet_depth=teacher.resnet_depth,
-      width_multiplier=teacher.width_multiplier,
-      sk_ratio=teacher.sk_ratio,
-      cifar_stem=config.image_size <= 32,
-      proj_head_mode=teacher.proj_head_mode,
-      num_proj_layers=teacher.num_proj_layers,
-      proj_out_dim=teacher.proj_out_dim,
-      ft_proj_selector=teacher.ft_proj_selector,
-      num_classes=num_classes,
-      train_mode='finetune',
-      lineareval_while_pretraining=False,
-      dtype=jnp.dtype(config.dtype),
-  )
+  architecture as a fine-tuned classifier (run with train=False).
+
+  The teacher's keys overlay the defaults, not the student's config: a key
+  that `config.teacher` does not name is the default's whatever the student
+  sets (e.g. a ViT student still has a ResNet teacher); the input size and
+  dtype are the student's.
+  """
+  teacher = config_lib.base_config()
+  teacher.update(config.teacher.to_dict())
+  teacher.update(dict(image_size=config.image_size, dtype=config.dtype,
+                      train_mode='finetune',
+                      lineareval_while_pretraining=False))
+  return create_model(teacher, num_classes)

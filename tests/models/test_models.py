@@ -739,3 +739,28 @@ def test_resnet50_with_dots_equals_resnet50_with_convs(monkeypatch):
   with_convs = apply()
   assert count('conv_general_dilated') == convs_with_dots + 36
   np.testing.assert_allclose(with_dots, with_convs, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_model_takes_only_the_teacher_keys_from_the_config():
+  # A ViT student with a remat, non-default head: the teacher is the
+  # config.teacher ResNet with the defaults elsewhere, at the student's
+  # input size (its stem) and dtype, as a fine-tuned classifier.
+  config = config_lib.base_config()
+  config.update(dict(model='vit', remat=True, proj_hidden_dim=96,
+                     proj_head_bn=False, fine_tune_after_block=2,
+                     train_mode='distill', image_size=32, dtype='bfloat16'))
+  config.teacher.update(dict(resnet_depth=18, width_multiplier=0.5,
+                             num_proj_layers=2, proj_out_dim=64,
+                             ft_proj_selector=1))
+  teacher = models.create_teacher_model(config, 10)
+  defaults = models.SimCLRModel()
+  assert (teacher.model, teacher.resnet_depth, teacher.width_multiplier,
+          teacher.num_proj_layers, teacher.proj_out_dim,
+          teacher.ft_proj_selector) == ('resnet', 18, 0.5, 2, 64, 1)
+  assert (teacher.remat, teacher.proj_hidden_dim, teacher.proj_head_bn,
+          teacher.fine_tune_after_block) == (
+              defaults.remat, defaults.proj_hidden_dim,
+              defaults.proj_head_bn, defaults.fine_tune_after_block)
+  assert teacher.cifar_stem and teacher.dtype == jnp.bfloat16
+  assert teacher.train_mode == 'finetune' and teacher.num_classes == 10
+  assert not teacher.lineareval_while_pretraining
