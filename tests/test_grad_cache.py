@@ -382,14 +382,32 @@ def test_bench_reports_memory_and_time_ratios(monkeypatch, capsys):
   from simclr_jax.tools import bench  # pylint: disable=g-import-not-at-top
   from simclr_jax.tools import bench_micro_batch as bmb  # pylint: disable=g-import-not-at-top
   memory = lambda c: 1000 * c.train_batch_size + 7 * c.micro_batch_size
-  monkeypatch.setattr(bmb, 'compiled_step_memory', lambda c: memory(c))
-  monkeypatch.setattr(bench, 'bench_train', lambda c, steps, warmup: dict(
-      memory_bytes_per_device=memory(c), compile_s=1.0,
-      step_s=2.0 + c.micro_batch_size, step_cpu_s=1.0, step_times_s=[2.0],
-      images_per_s=1.0, loss=1.0))
+  compiled = []  # (batch, micro-batch) of every program compiled.
+
+  def compiled_step_memory(c):
+    compiled.append((c.train_batch_size, c.micro_batch_size))
+    return memory(c)
+
+  def bench_train(c, steps, warmup):
+    compiled.append((c.train_batch_size, c.micro_batch_size))
+    # The timed step on CPU unrolls its loop: a memory unlike the scan's.
+    return dict(memory_bytes_per_device=memory(c) + 5 * c.micro_batch_size,
+                compile_s=1.0, step_s=2.0 + c.micro_batch_size,
+                step_cpu_s=1.0, step_times_s=[2.0], images_per_s=1.0,
+                loss=1.0)
+
+  monkeypatch.setattr(bmb, 'compiled_step_memory', compiled_step_memory)
+  monkeypatch.setattr(bench, 'bench_train', bench_train)
   config = tiny_config()
   results = bench.run(config, what=('micro',), micro_batch_sizes=['1', '2'],
                       steps=1)
+  # Timed: plain and each micro-batched step; memory only: the scans (CPU
+  # unrolls the timed ones) and the plain steps at batch m·devices.
+  assert sorted(compiled) == sorted([(16, 0), (16, 1), (16, 1), (8, 0),
+                                     (16, 2), (16, 2), (16, 0)])
+  assert results['plain']['memory_bytes_per_device'] == 16_000
+  assert results['micro1']['memory_bytes_per_device'] == 16_007
+  assert results['micro1']['timed_loop'] == 'unrolled'
   assert set(results) == {'plain', 'micro1', 'micro2', 'plain_batch1',
                           'plain_batch2'}
   assert results['plain_batch2']['global_batch'] == 16  # 2 × 8 devices.
