@@ -34,12 +34,13 @@ def demo_config(**overrides):
 # ----------------------------------------------------------------------------
 # The grid's configs and the table (no training).
 # ----------------------------------------------------------------------------
-def test_the_grid_base_is_the_demo_at_quarter_width():
+def test_the_grid_base_is_the_demo_at_quarter_width_for_200_steps():
   demo = runpy.run_path(config_file('demo'))['get_config']().to_dict()
   base = runpy.run_path(config_file('reproduce'))['get_config']()
   assert base.is_locked
   changed = {k: v for k, v in base.to_dict().items() if demo[k] != v}
-  assert changed == {'width_multiplier': 0.25, 'demo_plot': False}
+  assert changed == {'width_multiplier': 0.25, 'demo_plot': False,
+                     'train_steps': 200}
   assert os.path.samefile(reproduce.GRID_CONFIG, config_file('reproduce'))
 
 
