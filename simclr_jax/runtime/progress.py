@@ -1,13 +1,16 @@
 """The progress line a run prints while it trains.
 
 `step 120/600  loss 5.91  412 img/s  ETA 3m05s`: at the first step after
-compiling, then whenever `every_secs` of wall time have passed since the
-last line, and at the last step. A `clu.periodic_actions.PeriodicAction`
-(time-based, like clu's ReportProgress, which only sets work-unit notes and
-writes steps/s to the metric writer): the loop calls `update(step, metrics)`
-after each step. Reading the loss waits for that step to finish, so the
-images/s and the ETA measure finished steps, not dispatched ones; it costs
-one scalar transfer per line.
+compiling, then at least every `every_secs` of wall time, and at the last
+step. A `clu.periodic_actions.PeriodicAction` (time-based, like clu's
+ReportProgress, which only sets work-unit notes and writes steps/s to the
+metric writer): the loop calls `update(step, metrics)` after dispatching
+each step. Steps run asynchronously, so the host's clock says nothing of
+the device until it waits: `update` waits for the step before (one step
+stays queued, the device never idles) and prints a line when waiting
+for one more step would make it late. Reading the loss waits for that step to
+finish, so the images/s and the ETA measure finished steps, not dispatched
+ones; it costs one scalar transfer per line.
 """
 import functools
 import time
@@ -54,17 +57,35 @@ class ProgressLine(periodic_actions.PeriodicAction):
     self.clock, self.printer = clock, printer
     self._line_step, self._line_time = start_step, clock()
     self._metrics: Optional[dict] = None
+    # When the last step finished, and how long it took.
+    self._update_time: Optional[float] = None
+    self._step_secs = 0.0
 
   def update(self, step: int, metrics) -> bool:
-    """After each step: prints a line if one is due; True if it did."""
+    """After dispatching each step: waits for the one before, then prints a
+    line if one is due; True if it did."""
+    if self._metrics is not None:
+      jax.block_until_ready(self._metrics['loss'])
     self._metrics = metrics
-    return self(step, self.clock())
+    now = self.clock()
+    if self._update_time is not None:
+      self._step_secs = now - self._update_time
+    self._update_time = now
+    return self(step, now)
 
   def exclude(self, seconds: float) -> None:
     """Time outside training steps (evaluation) is not counted in the speed."""
     self._line_time += seconds
     if self._previous_time is not None:
       self._previous_time += seconds
+    if self._update_time is not None:
+      self._update_time += seconds
+
+  def _should_trigger(self, step: int, t: float) -> bool:
+    # t is the end of the step before; a line printed now shows at the end
+    # of this one, and the next chance's at the end of the next: due now if
+    # that would be late.
+    return super()._should_trigger(step, t + 2 * self._step_secs)
 
   def _apply(self, step: int, t: float) -> None:
     loss = float(jax.device_get(self._metrics['loss']))  # Waits for the step.
