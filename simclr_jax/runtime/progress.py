@@ -74,10 +74,9 @@ class ProgressLine(periodic_actions.PeriodicAction):
     return self(step, now)
 
   def exclude(self, seconds: float) -> None:
-    """Time outside training steps (evaluation) is not counted in the speed."""
+    """Time outside training steps (evaluation) is not counted in the speed
+    or the step time; a line is still due 30 s of wall time after the last."""
     self._line_time += seconds
-    if self._previous_time is not None:
-      self._previous_time += seconds
     if self._update_time is not None:
       self._update_time += seconds
 
@@ -99,4 +98,4 @@ class ProgressLine(periodic_actions.PeriodicAction):
 
   def _after_apply(self, step: int, t: float) -> None:
     # The next line is due every_secs after this one was printed.
-    super()._after_apply(step, self._line_time)
+    super()._after_apply(step, self.clock())

@@ -51,12 +51,15 @@ def test_resumed_run_and_excluded_evaluation_time():
   clock.now += 100.0  # An evaluation of 100 s, then one step of 1 s.
   hook.exclude(100.0)
   clock.now += 1.0
-  assert not hook.update(42, {'loss': 1.0})  # 1 s of training: not due.
+  # Due by the wall clock (101 s since the last line); the speed is of the
+  # one second of training.
+  assert hook.update(42, {'loss': 1.0})
+  assert lines[1] == 'step 42/100  loss 1  10 img/s  ETA 58s'
   for step in range(43, 74):
     clock.now += 1.0
     hook.update(step, {'loss': 1.0})
-  assert len(lines) == 2 and lines[1].startswith('step 70/100')
-  assert '10 img/s' in lines[1]  # 29 steps in 29 s, evaluation excluded.
+  assert len(lines) == 3 and lines[2].startswith('step 71/100')
+  assert '10 img/s' in lines[2]  # 29 steps in 29 s.
 
 
 class PendingLoss:
@@ -81,18 +84,24 @@ class PendingLoss:
 def test_lines_keep_to_30s_when_steps_run_ahead_of_the_host():
   # As in the train loop: dispatching a step is instant, the device takes
   # 2.5 s a step, and the host waits for the device only when it logs
-  # metrics (every 10 steps). Reading the clock at dispatch alone would
-  # print every 20 steps, 50 s apart.
+  # metrics (every 10 steps) and for an 8 s evaluation every 30 steps.
+  # Reading the clock at dispatch alone would print every 20 steps, 50 s
+  # apart.
   clock, lines = FakeClock(), []
   hook = progress.ProgressLine(total_steps=120, batch_size=128, start_step=0,
                                clock=clock, printer=lines.append)
-  start, printed_at = clock.now, []
+  done_at, printed_at = clock.now, []
   for step in range(1, 121):
-    loss = PendingLoss(clock, done_at=start + 2.5 * step)
+    done_at = max(done_at, clock.now) + 2.5
+    loss = PendingLoss(clock, done_at=done_at)
     if hook.update(step, {'loss': loss}):
       printed_at.append(clock.now)
     if step % 10 == 0:
       loss.block_until_ready()
+    if step % 30 == 0 and step < 120:
+      clock.now += 8.0
+      hook.exclude(8.0)
   gaps = np.diff(printed_at)
-  assert len(printed_at) >= 10 and max(gaps) <= 30.0, printed_at
+  assert len(printed_at) >= 12 and max(gaps) <= 30.0, printed_at
+  # The speed leaves the evaluations out: 128 images per 2.5 s.
   assert lines[-1].startswith('step 120/120  loss 6  51 img/s  ETA 0s')
