@@ -46,6 +46,7 @@ def worker(process_id, port, workdir, out):
       'get_config']()
   with config.unlocked():
     config.image_size = 8
+    config.width_multiplier = 0.25
     config.train_batch_size = 8  # 2 images per device, 4 per process.
     config.train_steps = 3
     config.log_every_steps = 1

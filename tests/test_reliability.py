@@ -43,6 +43,7 @@ INTERVAL = 2  # checkpoint_every_steps of the runs below.
 # The demo, shrunk so that a run is start-up plus seconds of training.
 TINY_OVERRIDES = {
     'train_batch_size': 8, 'eval_batch_size': 8, 'image_size': 8,
+    'width_multiplier': 0.25,
     'checkpoint_every_steps': INTERVAL, 'keep_checkpoints': 2,
     'log_every_steps': 1, 'lineareval_while_pretraining': False,
     'cache_dataset': False,
